@@ -1,0 +1,117 @@
+"""DCNv3 core operator in plain PyTorch: the test oracle and the fallback (SPEC §4).
+
+Every fused kernel is checked against this file, so it favours obviousness over speed: the bilinear
+sampling is ``F.grid_sample`` (zero padding) on a grid built exactly as SPEC §4 writes the
+sampling locations.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    pair = tuple(int(v) for v in value)
+    if len(pair) != 2:
+        raise ValueError(f"dcnv3_core: {name} must be an int or a pair (h, w), got {value!r}")
+    return pair
+
+
+def sampling_points(kernel_size: Sequence[int], remove_center: bool) -> list[tuple[int, int]]:
+    """Kernel points (i, j) in operator order: i is the width index (outer), j the height index."""
+    kh, kw = kernel_size
+    if remove_center and (kh != kw or kh % 2 == 0):
+        raise ValueError(f"dcnv3_core: remove_center needs a square odd kernel, got {kh}x{kw}")
+    points = [(i, j) for i in range(kw) for j in range(kh)]
+    if remove_center:
+        points.remove((kw // 2, kh // 2))
+    return points
+
+
+def output_size(in_size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    """SPEC §4: H_out = (H_in + 2·pad − (dil·(k−1) + 1)) / stride + 1."""
+    return (in_size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
+
+
+def check_inputs(value: Tensor, offset: Tensor, mask: Tensor, kernel_size, stride, pad, dilation,
+                 groups: int, remove_center: bool) -> tuple[int, int, int]:
+    """Validates shapes, dtypes and devices; returns (H_out, W_out, points per group)."""
+    for name, tensor in (("value", value), ("offset", offset), ("mask", mask)):
+        if tensor.dim() != 4:
+            raise ValueError(f"dcnv3_core: {name} must be 4-D channels-last (N, H, W, C), "
+                             f"got shape {tuple(tensor.shape)}")
+    if not (value.device == offset.device == mask.device):
+        raise ValueError(f"dcnv3_core: value, offset and mask must be on one device, got "
+                         f"{value.device}, {offset.device}, {mask.device}")
+    if not (value.dtype == offset.dtype == mask.dtype):
+        raise TypeError(f"dcnv3_core: value, offset and mask must share a dtype, got {value.dtype}, "
+                        f"{offset.dtype}, {mask.dtype}; cast them (or run under autocast)")
+    n, h_in, w_in, channels = value.shape
+    if groups < 1 or channels % groups:
+        raise ValueError(f"dcnv3_core: value has {channels} channels, not divisible by groups={groups}")
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, pad, dilation
+    if min(sh, sw, dh, dw, kh, kw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"dcnv3_core: kernel, stride and dilation must be >= 1 and pad >= 0, got "
+                         f"kernel={kernel_size}, stride={stride}, pad={pad}, dilation={dilation}")
+    h_out, w_out = output_size(h_in, kh, sh, ph, dh), output_size(w_in, kw, sw, pw, dw)
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"dcnv3_core: input {h_in}x{w_in} is too small for kernel={kernel_size}, "
+                         f"pad={pad}, dilation={dilation}")
+    points = len(sampling_points(kernel_size, remove_center))
+    expected = {"offset": (n, h_out, w_out, groups * points * 2), "mask": (n, h_out, w_out, groups * points)}
+    for name, tensor in (("offset", offset), ("mask", mask)):
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"dcnv3_core: {name} must have shape {expected[name]} (N, H_out, W_out, "
+                             f"groups·points{'·2' if name == 'offset' else ''}) for groups={groups} "
+                             f"and {points} points, got {tuple(tensor.shape)}")
+    return h_out, w_out, points
+
+
+def dcnv3_core_reference(value: Tensor, offset: Tensor, mask: Tensor, kernel_size=(3, 3), stride=(1, 1),
+                         pad=(1, 1), dilation=(1, 1), *, groups: int, offset_scale: float = 1.0,
+                         remove_center: bool = False) -> Tensor:
+    """Deformable sampling of ``value`` at kernel points moved by ``offset``, weighted by ``mask``.
+
+    Args:
+        value: (N, H_in, W_in, G·D) features to sample.
+        offset: (N, H_out, W_out, G·P·2) per group and point the pair (dx, dy), x (width) first, in
+            pixels before ``offset_scale``.
+        mask: (N, H_out, W_out, G·P) point weights (already normalised by the caller).
+    Returns:
+        (N, H_out, W_out, G·D), the dtype of ``value``.
+    """
+    kernel_size, stride = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
+    pad, dilation = _pair(pad, "pad"), _pair(dilation, "dilation")
+    h_out, w_out, num_points = check_inputs(value, offset, mask, kernel_size, stride, pad, dilation,
+                                            groups, remove_center)
+    n, h_in, w_in, channels = value.shape
+    depth = channels // groups
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, pad, dilation
+    centre_w, centre_h = dw * (kw - 1) // 2, dh * (kh - 1) // 2
+
+    points = sampling_points(kernel_size, remove_center)
+    grid_x = torch.tensor([i * dw - centre_w for i, _ in points], dtype=value.dtype, device=value.device)
+    grid_y = torch.tensor([j * dh - centre_h for _, j in points], dtype=value.dtype, device=value.device)
+    base_x = torch.arange(w_out, dtype=value.dtype, device=value.device) * sw - pw + centre_w
+    base_y = torch.arange(h_out, dtype=value.dtype, device=value.device) * sh - ph + centre_h
+
+    offset = offset.reshape(n, h_out, w_out, groups, num_points, 2)
+    loc_x = base_x.view(1, 1, w_out, 1, 1) + (grid_x + offset[..., 0]) * offset_scale
+    loc_y = base_y.view(1, h_out, 1, 1, 1) + (grid_y + offset[..., 1]) * offset_scale
+
+    # grid_sample (align_corners=False) puts pixel k's centre at (2k + 1) / size − 1.
+    grid = torch.stack(((2 * loc_x + 1) / w_in - 1, (2 * loc_y + 1) / h_in - 1), dim=-1)
+    grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(n * groups, h_out, w_out * num_points, 2)
+    planes = value.reshape(n, h_in, w_in, groups, depth).permute(0, 3, 4, 1, 2)
+    planes = planes.reshape(n * groups, depth, h_in, w_in)
+    sampled = F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    sampled = sampled.view(n, groups, depth, h_out, w_out, num_points)
+
+    weights = mask.reshape(n, h_out, w_out, groups, num_points).permute(0, 3, 1, 2, 4).unsqueeze(2)
+    out = (sampled * weights).sum(-1)  # (N, G, D, H_out, W_out)
+    return out.permute(0, 3, 4, 1, 2).reshape(n, h_out, w_out, channels)
