@@ -1,0 +1,80 @@
+"""The DCNv3 module (SPEC §3): projections, offset/mask branch and centre feature scale around the core."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from internimage.ops import dcnv3_core
+
+from .layers import layer_norm
+
+
+class DCNv3(nn.Module):
+    """Deformable convolution v3 on channels-last features.
+
+    Args:
+        channels: C, split into ``groups`` groups of C / groups channels.
+        offset_scale: scales offsets and the kernel grid (2.0 in L/XL).
+        dw_kernel_size: kernel of the depthwise conv that predicts offsets and mask (5 in H/G).
+        center_feature_scale: blend the output with the projected input by a learned gate (H/G).
+    """
+
+    def __init__(self, channels: int, groups: int, offset_scale: float = 1.0, dw_kernel_size: int = 3,
+                 center_feature_scale: bool = False, kernel_size: int = 3, stride: int = 1, pad: int = 1,
+                 dilation: int = 1, remove_center: bool = False):
+        super().__init__()
+        if groups < 1 or channels % groups:
+            raise ValueError(f"DCNv3: channels={channels} must be divisible by groups={groups}")
+        if dw_kernel_size % 2 == 0:
+            raise ValueError(f"DCNv3: dw_kernel_size must be odd, got {dw_kernel_size}")
+        self.channels, self.groups = channels, groups
+        self.offset_scale, self.kernel_size = offset_scale, kernel_size
+        self.stride, self.pad, self.dilation, self.remove_center = stride, pad, dilation, remove_center
+        self.points = kernel_size * kernel_size - int(remove_center)
+
+        if center_feature_scale:
+            self.center_feature_scale_proj_weight = nn.Parameter(torch.zeros(groups, channels))
+            self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(groups))
+        self.center_feature_scale = center_feature_scale
+        self.dw_conv = nn.Sequential(
+            nn.Conv2d(channels, channels, dw_kernel_size, padding=(dw_kernel_size - 1) // 2, groups=channels),
+            layer_norm(channels, in_channels_first=True),
+            nn.GELU(),
+        )
+        self.offset = nn.Linear(channels, groups * self.points * 2)
+        self.mask = nn.Linear(channels, groups * self.points)
+        self.input_proj = nn.Linear(channels, channels)
+        self.output_proj = nn.Linear(channels, channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Regular grid and uniform mask at start; xavier projections (SPEC §2)."""
+        for linear in (self.offset, self.mask):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        for linear in (self.input_proj, self.output_proj):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        if self.center_feature_scale:
+            nn.init.zeros_(self.center_feature_scale_proj_weight)
+            nn.init.zeros_(self.center_feature_scale_proj_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, H, W, C) → (N, H_out, W_out, C)."""
+        n, h, w, _ = x.shape
+        projected = self.input_proj(x)
+        branch = self.dw_conv(x.permute(0, 3, 1, 2))  # (N, H, W, C): offsets come from the raw input
+        offset = self.offset(branch)
+        mask = self.mask(branch).reshape(n, h, w, self.groups, self.points).softmax(-1)
+        mask = mask.reshape(n, h, w, self.groups * self.points)
+        out = dcnv3_core(projected, offset, mask, kernel_size=(self.kernel_size, self.kernel_size),
+                         stride=(self.stride, self.stride), pad=(self.pad, self.pad),
+                         dilation=(self.dilation, self.dilation), groups=self.groups,
+                         offset_scale=self.offset_scale, remove_center=self.remove_center)
+        if self.center_feature_scale:
+            gate = torch.sigmoid(F.linear(branch, self.center_feature_scale_proj_weight,
+                                          self.center_feature_scale_proj_bias))
+            gate = gate.repeat_interleave(self.channels // self.groups, dim=-1)
+            out = out * (1 - gate) + projected * gate
+        return self.output_proj(out)
