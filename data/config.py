@@ -1,0 +1,132 @@
+"""Typed configuration of the data pipeline.
+
+Plain dataclasses only (str, int, float, bool, lists of nested dataclasses) because the engine's
+YAML loader builds them field by field and rejects unknown keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SOURCE_KINDS = ("class", "caption")
+
+
+@dataclass
+class SourceConfig:
+    """One training source: a set of WebDataset shards and its share of the mixed stream.
+
+    ``shards`` is a brace pattern (``/data/in22k-{000000..004095}.tar``), a single path, several of
+    those separated by ``::``, or a ``pipe:`` command. ``kind`` says which label the samples carry:
+    ``"class"`` reads ``{key}.cls`` (an integer), ``"caption"`` reads ``{key}.txt`` (or the
+    ``caption`` field of ``{key}.json``).
+    """
+
+    name: str
+    shards: str
+    weight: float = 1.0
+    kind: str = "class"
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ValueError("SourceConfig.name is empty: give every training source a name")
+        if not self.shards:
+            raise ValueError(f"source {self.name!r}: shards is empty; set a path, brace pattern "
+                             "or pipe: command")
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"source {self.name!r}: kind={self.kind!r} is not one of "
+                             f"{SOURCE_KINDS}")
+        if not self.weight > 0:
+            raise ValueError(f"source {self.name!r}: weight={self.weight} must be > 0")
+
+
+@dataclass
+class DataConfig:
+    """Everything the loaders and the device transform need.
+
+    Sizes are pixels, probabilities are in [0, 1]. ``batch_size`` is per rank; ``epoch_samples`` is
+    the virtual epoch length summed over all ranks (0: the sample count of the shard indexes).
+    """
+
+    train_sources: list[SourceConfig] = field(default_factory=list)
+    val_shards: str | None = None
+    img_size: int = 224
+    batch_size: int = 64
+    workers: int = 2
+    shuffle_buffer: int = 2000
+    seed: int = 0
+    epoch_samples: int = 0
+    # RandomResizedCrop: area fraction and aspect-ratio range of the crop.
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
+    hflip: float = 0.5
+    randaugment: bool = True
+    randaugment_magnitude: float = 9.0
+    randaugment_mstd: float = 0.5
+    randaugment_layers: int = 2
+    # Colour jitter strength (brightness, contrast, saturation); like timm, it is only used when
+    # RandAugment is off, since RandAugment already varies colour.
+    color_jitter: float = 0.4
+    reprob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    # Eval: resize the short side to img_size / eval_crop_ratio, then centre-crop img_size.
+    eval_crop_ratio: float = 0.875
+    context_length: int = 77
+    tokenizer: str | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field and how to fix it."""
+        if not self.train_sources:
+            raise ValueError("DataConfig.train_sources is empty: list at least one source "
+                             "(name, shards, weight, kind)")
+        names = [s.name for s in self.train_sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"train source names must be unique, got {names}")
+        for source in self.train_sources:
+            source.validate()
+        _positive(self, "img_size", "batch_size", "context_length")
+        _non_negative(self, "workers", "shuffle_buffer", "epoch_samples", "seed")
+        _probability(self, "hflip", "reprob", "mixup_prob", "mixup_switch_prob")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError(f"mixup={self.mixup} and cutmix={self.cutmix} are Beta alphas and "
+                             "must be >= 0 (0 disables)")
+        _range_pair(self.crop_scale, "crop_scale", low=0.0, high=1.0)
+        _range_pair(self.crop_ratio, "crop_ratio", low=0.0, high=float("inf"))
+        if not 0.0 < self.eval_crop_ratio <= 1.0:
+            raise ValueError(f"eval_crop_ratio={self.eval_crop_ratio} must be in (0, 1]")
+        if not 0.0 <= self.randaugment_magnitude <= 10.0:
+            raise ValueError(f"randaugment_magnitude={self.randaugment_magnitude} must be in "
+                             "[0, 10]")
+        if self.randaugment_mstd < 0 or self.randaugment_layers < 0:
+            raise ValueError("randaugment_mstd and randaugment_layers must be >= 0")
+        if self.color_jitter < 0:
+            raise ValueError(f"color_jitter={self.color_jitter} must be >= 0")
+
+
+def _positive(cfg: DataConfig, *names: str) -> None:
+    for name in names:
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"DataConfig.{name}={getattr(cfg, name)} must be > 0")
+
+
+def _non_negative(cfg: DataConfig, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"DataConfig.{name}={getattr(cfg, name)} must be >= 0")
+
+
+def _probability(cfg: DataConfig, *names: str) -> None:
+    for name in names:
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"DataConfig.{name}={getattr(cfg, name)} is a probability: use a "
+                             "value in [0, 1]")
+
+
+def _range_pair(values: list[float], name: str, low: float, high: float) -> None:
+    if len(values) != 2 or not low < values[0] <= values[1] <= high:
+        raise ValueError(f"DataConfig.{name}={values} must be [min, max] with "
+                         f"{low} < min <= max <= {high}")

@@ -1,0 +1,46 @@
+"""Counting and rate-limited logging of skipped samples.
+
+Bad data is normal at web scale; a run must neither die on it nor hide it. Every skip is counted
+per reason (the counts reach the training metrics) and logged at most once per interval per
+reason so a broken shard cannot flood the log.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+LOGGER = logging.getLogger("internimage.data")
+
+# Reasons a sample or a shard is skipped; the keys of ``skip_counts()``.
+OPEN_FAILED = "open_failed"          # shard missing, unreadable, or pipe command failed
+TRUNCATED_TAR = "truncated_tar"      # tar ends early or has a corrupt header
+CORRUPT_IMAGE = "corrupt_image"      # image bytes do not decode
+MISSING_KEY = "missing_key"          # no image, or no label of the source's kind
+BAD_LABEL = "bad_label"              # .cls not an integer, .txt not UTF-8
+REASONS = (OPEN_FAILED, TRUNCATED_TAR, CORRUPT_IMAGE, MISSING_KEY, BAD_LABEL)
+
+
+class SkipCounter:
+    """Counts skips per reason and logs each reason at most every ``log_interval_s`` seconds."""
+
+    def __init__(self, log_interval_s: float = 30.0, counts: dict[str, int] | None = None):
+        self.counts = {reason: 0 for reason in REASONS}
+        if counts:
+            self.counts.update(counts)
+        self.log_interval_s = log_interval_s
+        self.enabled = True
+        self._last_logged: dict[str, float] = {}
+
+    def skip(self, reason: str, where: str, error: object = None) -> None:
+        """Record one skip; ``where`` names the shard or sample for the log line."""
+        if not self.enabled:
+            return
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        now = time.monotonic()
+        if now - self._last_logged.get(reason, -float("inf")) >= self.log_interval_s:
+            self._last_logged[reason] = now
+            LOGGER.warning("skipped (%s, %d so far): %s%s", reason, self.counts[reason], where,
+                           f": {error}" if error is not None else "")
+
+    def total(self) -> int:
+        return sum(self.counts.values())

@@ -1,0 +1,181 @@
+"""Loader factories the engine calls: ``build_train_loader`` and ``build_eval_loader``.
+
+Train state and resume
+----------------------
+``TrainLoader.state_dict()`` is {seed, world_size, slots, batch_size, batches (handed out by this
+rank), slot_states (each slot's position after its last handed-out batch)}. Restored at the same
+world size, worker count and batch size, the next batches are bit-identical to an uninterrupted
+run. With another layout, the loader continues deterministically at the batch implied by the saved
+global sample count (batches x batch_size x world_size), so the virtual epoch and step numbering
+stay continuous; the streams then restart from fresh seeded positions, not the old layout's.
+"""
+from __future__ import annotations
+
+import logging
+
+from torch.utils.data import DataLoader
+
+from .config import DataConfig
+from .eval_stream import EvalStream, eval_plan, padding_batch
+from .faults import REASONS
+from .shards import check_shards_exist, expand_shards, read_sample_counts
+from .sources import SourceShards
+from .stream import STATE_KEY, Layout, TrainStream
+
+LOGGER = logging.getLogger("internimage.data")
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+
+
+def resolve_sources(cfg: DataConfig) -> list[SourceShards]:
+    """Expand every source's pattern; fail now on patterns that name nothing."""
+    sources = []
+    for source in cfg.train_sources:
+        urls = expand_shards(source.shards)
+        check_shards_exist(source.shards, urls)
+        sources.append(SourceShards(source.name, source.kind, source.shards, urls))
+    return sources
+
+
+def epoch_samples(cfg: DataConfig, sources: list[SourceShards]) -> int:
+    """``cfg.epoch_samples``, or when 0 the total of the sources' shard indexes."""
+    if cfg.epoch_samples > 0:
+        return cfg.epoch_samples
+    total = 0
+    for source in sources:
+        counts = read_sample_counts(source.urls)
+        if counts is None:
+            raise ValueError(f"epoch_samples=0 asks for the shard index, but source "
+                             f"{source.name!r} ({source.pattern!r}) has no complete index "
+                             "(-index.json beside the shards, written by write_shards); set "
+                             "DataConfig.epoch_samples")
+        total += sum(counts.values())
+    return total
+
+
+class TrainLoader:
+    """Endless iterator of training batches for one rank (see the module docstring for state).
+
+    Batches: ``image`` uint8 (B, 3, S, S); ``label`` int64 (B,) (-1: no class); ``text`` int64
+    (B, context_length) (all 0: no caption); ``source`` int64 (B,) index into train_sources.
+    """
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, state: dict | None = None):
+        cfg.validate()
+        _check_rank(rank, world_size)
+        self.cfg = cfg
+        self.sources = resolve_sources(cfg)
+        self.epoch_samples = epoch_samples(cfg, self.sources)
+        self.steps_per_epoch = max(1, self.epoch_samples // (cfg.batch_size * world_size))
+        self.layout = Layout(rank, world_size, max(1, cfg.workers), self.steps_per_epoch)
+        self.batches = 0
+        self.slot_states: list[dict | None] = [None] * self.layout.slots
+        self._loader_iter = None
+        if state is not None:
+            self._restore(state)
+
+    @property
+    def epoch(self) -> int:
+        """Virtual epoch of the next batch."""
+        return self.batches // self.steps_per_epoch
+
+    def _same_layout(self, state: dict) -> bool:
+        return (state["world_size"] == self.layout.world_size
+                and state["slots"] == self.layout.slots
+                and state["batch_size"] == self.cfg.batch_size
+                and state["seed"] == self.cfg.seed)
+
+    def _restore(self, state: dict) -> None:
+        if self._same_layout(state):
+            self.batches = state["batches"]
+            self.slot_states = [dict(s) if s else None for s in state["slot_states"]]
+            return
+        consumed = state["batches"] * state["batch_size"] * state["world_size"]
+        self.batches = consumed // (self.cfg.batch_size * self.layout.world_size)
+        LOGGER.warning("data loader state from another layout (world %d, workers %d, batch %d, "
+                       "seed %d): continuing at batch %d from %d consumed samples, with fresh "
+                       "stream positions", state["world_size"], state["slots"],
+                       state["batch_size"], state["seed"], self.batches, consumed)
+
+    def state_dict(self) -> dict:
+        """Position after the last batch handed out; plain types, safe for torch.save."""
+        return {"seed": self.cfg.seed, "world_size": self.layout.world_size,
+                "slots": self.layout.slots, "batch_size": self.cfg.batch_size,
+                "batches": self.batches,
+                "slot_states": [dict(s) if s else None for s in self.slot_states]}
+
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped samples per reason, summed over this rank's workers, since the run began."""
+        totals = {reason: 0 for reason in REASONS}
+        for state in self.slot_states:
+            for reason, count in (state or {}).get("skips", {}).items():
+                totals[reason] = totals.get(reason, 0) + count
+        return totals
+
+    def __iter__(self):
+        self._loader_iter = None  # shut down workers of a previous iteration first
+        dataset = TrainStream(self.cfg, self.sources, self.layout, self.batches,
+                              list(self.slot_states))
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
+                            prefetch_factor=2 if self.cfg.workers else None,
+                            persistent_workers=False)
+        self._loader_iter = iter(loader)
+        for batch in self._loader_iter:
+            state = batch.pop(STATE_KEY)
+            self.slot_states[self.batches % self.layout.slots] = state
+            self.batches += 1
+            yield batch
+
+
+def build_train_loader(cfg: DataConfig, rank: int, world_size: int,
+                       state: dict | None = None) -> TrainLoader:
+    """The training loader of one rank; ``state`` is a previous ``state_dict()`` to resume."""
+    return TrainLoader(cfg, rank, world_size, state)
+
+
+class EvalLoader:
+    """Finite iterator over the validation shards, the same number of batches on every rank.
+
+    Batches as in training plus ``valid`` bool (B,); rows and whole batches added to even out the
+    ranks (or standing in for a sample that failed to decode) have ``valid`` False.
+    """
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int):
+        _check_rank(rank, world_size)
+        if not cfg.val_shards:
+            raise ValueError("build_eval_loader needs DataConfig.val_shards (a shard pattern)")
+        self.cfg = cfg
+        self.plan = eval_plan(cfg, rank, world_size)
+        self.num_batches = self.plan.num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        dataset = EvalStream(self.cfg, self.plan)
+        workers = min(self.cfg.workers, len(self.plan.worker_ranges))
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers,
+                            prefetch_factor=2 if workers else None)
+        produced = 0
+        for batch in loader:
+            produced += 1
+            yield batch
+        for _ in range(self.num_batches - produced):
+            yield padding_batch(self.cfg)
+
+
+def build_eval_loader(cfg: DataConfig, rank: int, world_size: int) -> EvalLoader:
+    """Evaluation loader of one rank: every val sample once over all ranks, equal batch counts."""
+    return EvalLoader(cfg, rank, world_size)
+
+
+def loader_debug_summary(loader: TrainLoader) -> str:
+    """One line for logs: sources, shards and epoch length."""
+    parts = [f"{s.name}:{len(s.urls)} shards" for s in loader.sources]
+    return (f"{', '.join(parts)}; epoch {loader.epoch_samples} samples = "
+            f"{loader.steps_per_epoch} steps of {loader.cfg.batch_size} x "
+            f"{loader.layout.world_size} ranks")
+

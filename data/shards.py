@@ -1,0 +1,169 @@
+"""Shard lists and raw tar reading.
+
+A shard is a tar file in WebDataset layout: members ``{key}.{ext}`` grouped by key, consecutive.
+Shards come as brace patterns, paths, or ``pipe:`` commands whose stdout is a tar. Reading never
+interprets member content here; only members with an allowed extension are kept, so pickles and
+other executable payloads in a shard are never even read into memory.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import tarfile
+import zlib
+from dataclasses import dataclass
+from typing import IO, Iterator
+
+import braceexpand
+
+from .faults import OPEN_FAILED, TRUNCATED_TAR, SkipCounter
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+TEXT_EXTENSIONS = ("txt", "cls", "json")
+KEPT_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + TEXT_EXTENSIONS)
+INDEX_SUFFIX = "-index.json"
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Expand ``a-{000..003}.tar::b.tar`` into the list of shard URLs, in order."""
+    urls: list[str] = []
+    for part in pattern.split("::"):
+        part = part.strip()
+        if part:
+            urls.extend(braceexpand.braceexpand(part))
+    return urls
+
+
+def is_pipe(url: str) -> bool:
+    return url.startswith("pipe:")
+
+
+def check_shards_exist(pattern: str, urls: list[str]) -> None:
+    """Fail early when a pattern names no readable local file (typo, wrong directory)."""
+    if not urls:
+        raise ValueError(f"shard pattern {pattern!r} expands to no shard")
+    local = [url for url in urls if not is_pipe(url)]
+    if local and not any(os.path.isfile(url) for url in local):
+        raise FileNotFoundError(
+            f"shard pattern {pattern!r} expands to {len(local)} local paths and none exists "
+            f"(first: {local[0]!r}); check the directory and the brace range")
+
+
+def open_shard(url: str) -> tuple[IO[bytes], subprocess.Popen | None]:
+    """Open a shard for sequential reading; returns the stream and the pipe process if any."""
+    if is_pipe(url):
+        process = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL)
+        return process.stdout, process
+    return open(url, "rb", buffering=1 << 20), None
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``dir/0001.seg.jpg`` -> (``dir/0001``, ``seg.jpg``): the key ends at the basename's first dot."""
+    directory, base = os.path.split(name)
+    stem, dot, ext = base.partition(".")
+    return os.path.join(directory, stem) if directory else stem, ext.lower() if dot else ""
+
+
+@dataclass
+class RawSample:
+    """The kept members of one sample (extension -> bytes), and where it came from."""
+
+    key: str
+    url: str
+    members: dict[str, bytes]
+
+
+def iter_samples(url: str, counter: SkipCounter) -> Iterator[RawSample]:
+    """Yield every sample of one shard in order, including samples that lack kept members.
+
+    A shard that cannot be opened or a tar that breaks off is counted and ends the iteration; the
+    samples complete before the break are still yielded. A sample whose data was cut is dropped.
+    """
+    try:
+        stream, process = open_shard(url)
+    except OSError as error:
+        counter.skip(OPEN_FAILED, url, error)
+        return
+    yielded = 0
+    try:
+        current: RawSample | None = None
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as archive:
+                for member in archive:
+                    if not member.isfile():
+                        continue
+                    key, ext = split_member_name(member.name)
+                    if current is not None and key != current.key:
+                        yield current
+                        yielded += 1
+                        current = None
+                    if current is None:
+                        current = RawSample(key, url, {})
+                    if ext in KEPT_EXTENSIONS:
+                        current.members[ext] = archive.extractfile(member).read()
+            if current is not None:
+                yield current
+                yielded += 1
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+            reason = TRUNCATED_TAR if yielded or current is not None else OPEN_FAILED
+            counter.skip(reason, url, error)
+    finally:
+        stream.close()
+        if process is not None:
+            process.wait()
+            if process.returncode not in (0, None) and yielded == 0:
+                counter.skip(OPEN_FAILED, url, f"pipe exited with {process.returncode}")
+
+
+def index_path(url: str) -> str:
+    """The index file written beside ``.../train-000003.tar``: ``.../train-index.json``."""
+    directory, base = os.path.split(url)
+    prefix = base.rsplit("-", 1)[0] if "-" in base else base.split(".")[0]
+    return os.path.join(directory, prefix + INDEX_SUFFIX)
+
+
+def read_sample_counts(urls: list[str]) -> dict[str, int] | None:
+    """Sample count of every shard from the writer's index files, or None if any is unknown."""
+    indexes: dict[str, dict[str, int]] = {}
+    counts: dict[str, int] = {}
+    for url in urls:
+        if is_pipe(url):
+            return None
+        path = index_path(url)
+        if path not in indexes:
+            indexes[path] = _load_index(path)
+        count = indexes[path].get(os.path.basename(url))
+        if count is None:
+            return None
+        counts[url] = count
+    return counts
+
+
+def _load_index(path: str) -> dict[str, int]:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as handle:
+        return {name: int(count) for name, count in json.load(handle)["shards"].items()}
+
+
+def count_samples(url: str) -> int:
+    """Count a shard's samples by reading its tar headers (used when there is no index)."""
+    counter = SkipCounter()
+    counter.enabled = False
+    return sum(1 for _ in iter_samples(url, counter))
+
+
+def shard_sample_counts(urls: list[str]) -> dict[str, int]:
+    """Sample counts from the index when complete, else by reading every shard."""
+    counts = read_sample_counts(urls)
+    if counts is not None:
+        return counts
+    return {url: count_samples(url) for url in urls}
+
+
+def find_shards(directory: str, prefix: str) -> list[str]:
+    """Sorted shard paths ``directory/prefix-*.tar`` (for tools and tests)."""
+    return sorted(glob.glob(os.path.join(directory, f"{prefix}-*.tar")))

@@ -1,0 +1,128 @@
+"""One worker's resampled, chunk-shuffled view of one training source, with an exact position.
+
+Shard order: a worker owns every G-th shard of the source (G = ranks x workers, global worker id
+g), or all shards when there are fewer shards than workers, and walks them in passes, each pass a
+fresh permutation seeded by (seed, epoch, g, segment, source, pass). The stream never ends, so a
+rank can never run out of data before the others.
+
+Shuffling is by chunks: ``shuffle_buffer`` consecutive samples are read, permuted by an RNG seeded
+by the chunk number, and handed out. Unlike a running buffer this has a tiny exact position (where
+the chunk began, which chunk, how far into it), so a restore re-reads at most one chunk instead
+of replaying the epoch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .faults import SkipCounter
+from .shards import RawSample, iter_samples
+
+PASS_STREAM = 1
+CHUNK_STREAM = 2
+
+
+@dataclass
+class SourceShards:
+    """A source's shards as one worker sees them."""
+
+    name: str
+    kind: str
+    pattern: str
+    urls: list[str]
+
+
+def worker_shards(urls: list[str], global_worker: int, global_workers: int) -> list[str]:
+    """The shards global worker ``global_worker`` of ``global_workers`` reads.
+
+    Disjoint round-robin split when there are enough shards; every shard for every worker
+    otherwise (workers then differ by their seeds).
+    """
+    if len(urls) >= global_workers:
+        return urls[global_worker::global_workers]
+    return list(urls)
+
+
+class SourceReader:
+    """Endless sample stream of one source in one worker, restorable from ``state()``."""
+
+    def __init__(self, shards: SourceShards, seed_key: list[int], shuffle_buffer: int,
+                 counter: SkipCounter, state: dict | None = None):
+        self.shards = shards
+        self.seed_key = seed_key
+        self.chunk_size = max(1, shuffle_buffer)
+        self.counter = counter
+        state = state or {"chunk_start": [0, 0, 0], "chunk": 0, "offset": 0}
+        self._cursor = list(state["chunk_start"])  # pass, position in pass, sample in shard
+        self._raw = self._read_from(*self._cursor)
+        self._chunk_index = state["chunk"]
+        self._chunk: list[RawSample] = []
+        self._offset = 0
+        self._chunk_start = list(self._cursor)
+        if state["offset"] > 0:
+            # Rebuild the chunk exactly as it was; its faults were counted before the save.
+            was_enabled, counter.enabled = counter.enabled, False
+            try:
+                self._fill_chunk()
+            finally:
+                counter.enabled = was_enabled
+            self._offset = state["offset"]
+
+    def state(self) -> dict:
+        """Plain-type position: the next sample handed out is the same after a restore."""
+        if self._offset < len(self._chunk):
+            return {"chunk_start": list(self._chunk_start), "chunk": self._chunk_index,
+                    "offset": self._offset}
+        next_chunk = self._chunk_index + 1 if self._chunk else self._chunk_index
+        return {"chunk_start": list(self._cursor), "chunk": next_chunk, "offset": 0}
+
+    def next(self) -> RawSample:
+        if self._offset >= len(self._chunk):
+            if self._chunk:
+                self._chunk_index += 1
+            self._fill_chunk()
+        sample = self._chunk[self._offset]
+        self._offset += 1
+        return sample
+
+    def _fill_chunk(self) -> None:
+        self._chunk_start = list(self._cursor)
+        chunk = [next(self._raw) for _ in range(self.chunk_size)]
+        rng = np.random.default_rng(self.seed_key + [CHUNK_STREAM, self._chunk_index])
+        self._chunk = [chunk[i] for i in rng.permutation(len(chunk))]
+        self._offset = 0
+
+    def _shard_order(self, pass_index: int) -> np.ndarray:
+        rng = np.random.default_rng(self.seed_key + [PASS_STREAM, pass_index])
+        return rng.permutation(len(self.shards.urls))
+
+    def _read_from(self, pass_index: int, position: int, skip: int) -> Iterator[RawSample]:
+        """Samples from (pass, position in pass, sample in shard) on, forever."""
+        # A pass entered mid-way (after a restore) may legitimately have nothing left to read.
+        partial_pass = position > 0 or skip > 0
+        while True:
+            order = self._shard_order(pass_index)
+            yielded_in_pass = 0
+            while position < len(order):
+                url = self.shards.urls[order[position]]
+                for index, sample in enumerate(iter_samples(url, self.counter)):
+                    if index < skip:
+                        continue
+                    self._cursor = [pass_index, position, index + 1]
+                    yielded_in_pass += 1
+                    yield sample
+                skip = 0
+                position += 1
+                self._cursor = [pass_index, position, 0]
+            if yielded_in_pass == 0 and not partial_pass:
+                found = {k: v for k, v in self.counter.counts.items() if v}
+                raise RuntimeError(
+                    f"source {self.shards.name!r}: no sample could be read from any of the "
+                    f"{len(self.shards.urls)} shards of pattern {self.shards.pattern!r} this "
+                    f"worker reads (first: {self.shards.urls[0]!r}); skips so far: {found}")
+            partial_pass = False
+            pass_index += 1
+            position = 0
+            self._cursor = [pass_index, 0, 0]

@@ -1,0 +1,202 @@
+"""The training stream: weighted mixing of sources into uint8 batches, exactly resumable.
+
+Batch n of a rank (n = 0, 1, ...) is built by worker slot n mod W (W = max(1, workers)); the
+DataLoader hands batches out round-robin, so every batch has a fixed home. A slot's batches within
+one virtual epoch form a *segment*; everything random in a segment is seeded by
+(seed, epoch, global worker id, segment start, counter), never by wall clock or process state.
+Each batch carries its slot's position after it was built, which is all a restore needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .config import DataConfig
+from .decode import IMAGE_ERRORS, DecodeError, decode_caption, decode_class, image_bytes
+from .faults import BAD_LABEL, CORRUPT_IMAGE, MISSING_KEY, SkipCounter
+from .shards import RawSample
+from .sources import SourceReader, SourceShards, worker_shards
+from .tokenizer import Tokenizer
+from .transforms import train_transform
+
+SAMPLE_STREAM = 3
+# A source whose first this-many samples in a worker all fail to decode is broken, not unlucky.
+NO_DECODE_LIMIT = 100
+STATE_KEY = "_state"
+
+
+@dataclass
+class Layout:
+    """Where a loader sits in the job: rank, world size, worker slots per rank, batches per epoch."""
+
+    rank: int
+    world_size: int
+    slots: int
+    steps_per_epoch: int
+
+    def global_worker(self, slot: int) -> int:
+        return self.rank * self.slots + slot
+
+    @property
+    def global_workers(self) -> int:
+        return self.world_size * self.slots
+
+    def epoch_of(self, batch: int) -> int:
+        return batch // self.steps_per_epoch
+
+
+def slot_batches(start_batch: int, slot: int, slots: int):
+    """Batch numbers >= start_batch that slot ``slot`` builds: n with n mod slots == slot."""
+    first = start_batch + (slot - start_batch) % slots
+    return range(first, 2**62, slots)
+
+
+class TrainStream(IterableDataset):
+    """Iterable of batches for one rank, from ``start_batch`` on, resuming slots from states.
+
+    ``slot_states[s]`` is the state attached to the last batch of slot s that was handed out, or
+    None. Each item is a batch dict plus ``STATE_KEY`` (the slot's position after this batch).
+    """
+
+    def __init__(self, cfg: DataConfig, sources: list[SourceShards], layout: Layout,
+                 start_batch: int, slot_states: list[dict | None]):
+        self.cfg = cfg
+        self.sources = sources
+        self.layout = layout
+        self.start_batch = start_batch
+        self.slot_states = slot_states
+        weights = np.array([s.weight for s in cfg.train_sources], dtype=np.float64)
+        self.weights = weights / weights.sum()
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        # DataLoader worker k serves batch start_batch + k first, then every slots-th batch.
+        slot = (self.start_batch + worker) % self.layout.slots
+        builder = SlotBuilder(self, slot)
+        for batch_number in slot_batches(self.start_batch, slot, self.layout.slots):
+            yield builder.build(batch_number)
+
+
+class SlotBuilder:
+    """Builds the batches of one worker slot, segment after segment."""
+
+    def __init__(self, stream: TrainStream, slot: int):
+        self.stream = stream
+        self.cfg = stream.cfg
+        self.slot = slot
+        self.global_worker = stream.layout.global_worker(slot)
+        self.tokenizer = Tokenizer(self.cfg.context_length, self.cfg.tokenizer)
+        saved = stream.slot_states[slot] if slot < len(stream.slot_states) else None
+        self.counter = SkipCounter(counts=saved["skips"] if saved else None)
+        self.saved = saved
+        self.epoch = -1
+        self.decoded = [0] * len(stream.sources)
+        self.failed = [0] * len(stream.sources)
+
+    def build(self, batch_number: int) -> dict:
+        epoch = self.stream.layout.epoch_of(batch_number)
+        if epoch != self.epoch:
+            self._start_segment(epoch, batch_number)
+        batch = self._collect(self.cfg.batch_size)
+        batch[STATE_KEY] = self._state(batch_number)
+        return batch
+
+    def _start_segment(self, epoch: int, batch_number: int) -> None:
+        saved, self.saved = self.saved, None
+        resume = saved is not None and saved["epoch"] == epoch
+        self.epoch = epoch
+        self.segment_start = saved["segment_start"] if resume else batch_number
+        self.draws = saved["draws"] if resume else 0
+        key = [self.cfg.seed, epoch, self.global_worker, self.segment_start]
+        self.seed_key = key
+        self.readers = []
+        for index, source in enumerate(self.stream.sources):
+            mine = SourceShards(source.name, source.kind, source.pattern,
+                                worker_shards(source.urls, self.global_worker,
+                                              self.stream.layout.global_workers))
+            self.readers.append(SourceReader(
+                mine, key + [index], self.cfg.shuffle_buffer, self.counter,
+                saved["sources"][index] if resume else None))
+
+    def _state(self, batch_number: int) -> dict:
+        return {"epoch": self.epoch, "segment_start": self.segment_start, "draws": self.draws,
+                "batch": batch_number, "sources": [r.state() for r in self.readers],
+                "skips": dict(self.counter.counts)}
+
+    def _collect(self, size: int) -> dict:
+        images = np.empty((size, self.cfg.img_size, self.cfg.img_size, 3), dtype=np.uint8)
+        labels = np.full(size, -1, dtype=np.int64)
+        sources = np.empty(size, dtype=np.int64)
+        captions: list[str | None] = [None] * size
+        filled = 0
+        while filled < size:
+            rng = np.random.default_rng(self.seed_key + [SAMPLE_STREAM, self.draws])
+            self.draws += 1
+            index = int(rng.choice(len(self.readers), p=self.stream.weights))
+            raw = self.readers[index].next()
+            decoded = self._decode(index, raw, rng)
+            if decoded is None:
+                continue
+            images[filled], labels[filled], captions[filled] = decoded
+            sources[filled] = index
+            filled += 1
+        return {"image": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                "label": torch.from_numpy(labels),
+                "text": self.tokenizer.encode_batch(captions),
+                "source": torch.from_numpy(sources)}
+
+    def _decode(self, index: int, raw: RawSample, rng: np.random.Generator):
+        """(image HWC uint8, label, caption) of one raw sample, or None after counting a skip."""
+        kind = self.stream.sources[index].kind
+        where = f"{raw.url}:{raw.key}"
+        try:
+            label, caption = _read_target(raw, kind)
+            data = image_bytes(raw.members)
+            if data is None:
+                raise DecodeError(MISSING_KEY, "no .jpg/.jpeg/.png/.webp member")
+            try:
+                pixels = train_transform(data, self.cfg, rng)
+            except IMAGE_ERRORS as error:
+                raise DecodeError(CORRUPT_IMAGE, str(error)) from error
+        except DecodeError as error:
+            self.counter.skip(error.reason, where, error)
+            self._check_source_alive(index, decoded=False)
+            return None
+        self._check_source_alive(index, decoded=True)
+        return pixels, label, caption
+
+    def _check_source_alive(self, index: int, decoded: bool) -> None:
+        if decoded:
+            self.decoded[index] += 1
+            return
+        self.failed[index] += 1
+        if self.decoded[index] == 0 and self.failed[index] >= NO_DECODE_LIMIT:
+            source = self.stream.sources[index]
+            found = {k: v for k, v in self.counter.counts.items() if v}
+            raise RuntimeError(
+                f"source {source.name!r}: the first {self.failed[index]} samples read from "
+                f"pattern {source.pattern!r} all failed to decode (skips: {found}); check that "
+                f"the shards hold images and {'.cls' if source.kind == 'class' else '.txt'} "
+                f"members as kind={source.kind!r} expects")
+
+
+def _read_target(raw: RawSample, kind: str) -> tuple[int, str | None]:
+    """Label (-1 for caption sources) and caption (None for class sources)."""
+    if kind == "class":
+        if "cls" not in raw.members:
+            raise DecodeError(MISSING_KEY, "no .cls member in a class source")
+        try:
+            return decode_class(raw.members["cls"]), None
+        except (UnicodeDecodeError, ValueError) as error:
+            raise DecodeError(BAD_LABEL, f"bad .cls: {error}") from error
+    try:
+        caption = decode_caption(raw.members)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise DecodeError(BAD_LABEL, f"bad caption: {error}") from error
+    if caption is None:
+        raise DecodeError(MISSING_KEY, "no .txt member (or json caption) in a caption source")
+    return -1, caption

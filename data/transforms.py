@@ -1,0 +1,136 @@
+"""Per-sample image transforms on the CPU, written with PIL and numpy (no torchvision).
+
+Every transform returns uint8 HWC RGB arrays of ``size`` x ``size``; normalisation and Mixup/CutMix
+happen later on the device (see ``device.py``), so the workers only move bytes. Randomness comes
+from a ``numpy.random.Generator`` the caller seeds, which makes each sample reproducible.
+
+Speed: the crop is chosen from the image header first, then the JPEG decoder is asked for the
+smallest DCT scale (1/2, 1/4, 1/8) that still covers the crop at the output size, and crop+resize
+is one bicubic ``resize(box=...)`` call.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from .config import DataConfig
+from .decode import open_image
+from .randaugment import rand_augment
+
+Box = tuple[float, float, float, float]  # left, top, width, height in source pixels
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
+                            ratio: tuple[float, float], rng: np.random.Generator) -> Box:
+    """Inception-style crop: area fraction in ``scale``, aspect ratio (w/h) log-uniform in ``ratio``.
+
+    Ten tries to fit inside the image, then a centre crop with the aspect ratio clamped to
+    ``ratio`` (the usual RandomResizedCrop definition).
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        crop_w = round(math.sqrt(target_area * aspect))
+        crop_h = round(math.sqrt(target_area / aspect))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            left = int(rng.integers(0, width - crop_w + 1))
+            top = int(rng.integers(0, height - crop_h + 1))
+            return left, top, crop_w, crop_h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        crop_w, crop_h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        crop_w, crop_h = round(height * ratio[1]), height
+    else:
+        crop_w, crop_h = width, height
+    return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
+
+
+def centre_crop_box(width: int, height: int, size: int, crop_ratio: float) -> Box:
+    """The region that 'resize short side to size/crop_ratio, then centre-crop size' keeps."""
+    short = min(width, height)
+    side = short * crop_ratio  # size / (size / crop_ratio / short) in source pixels
+    return (width - side) / 2.0, (height - side) / 2.0, side, side
+
+
+def decode_crop_resize(data: bytes, box_fn, size: int) -> Image.Image:
+    """Decode only as much as needed for ``box_fn(width, height)`` and resize it to size x size.
+
+    ``box_fn`` picks the crop from the header size, before decoding.
+    """
+    image = open_image(data)
+    width, height = image.size
+    left, top, crop_w, crop_h = box_fn(width, height)
+    if image.format == "JPEG":
+        # Ask for the full image at a size where the crop still covers size x size pixels.
+        image.draft("RGB", (math.ceil(width * size / crop_w), math.ceil(height * size / crop_h)))
+    sx, sy = image.size[0] / width, image.size[1] / height
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+    return image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+
+
+def train_transform(data: bytes, cfg: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    """RandomResizedCrop (bicubic) -> hflip -> RandAugment or colour jitter -> random erasing.
+
+    Returns uint8 (size, size, 3).
+    """
+    scale, ratio = tuple(cfg.crop_scale), tuple(cfg.crop_ratio)
+    image = decode_crop_resize(
+        data, lambda w, h: random_resized_crop_box(w, h, scale, ratio, rng), cfg.img_size)
+    if rng.random() < cfg.hflip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if cfg.randaugment:
+        image = rand_augment(image, cfg.randaugment_layers, cfg.randaugment_magnitude,
+                             cfg.randaugment_mstd, rng)
+    elif cfg.color_jitter > 0:
+        image = color_jitter(image, cfg.color_jitter, rng)
+    pixels = np.asarray(image, dtype=np.uint8)
+    if rng.random() < cfg.reprob:
+        pixels = random_erase(pixels, rng)
+    return pixels
+
+
+def eval_transform(data: bytes, size: int, crop_ratio: float) -> np.ndarray:
+    """Resize short side to size / crop_ratio and centre-crop size x size; uint8 (size, size, 3)."""
+    image = decode_crop_resize(data, lambda w, h: centre_crop_box(w, h, size, crop_ratio), size)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def color_jitter(image: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
+    """Brightness, contrast and saturation factors uniform in [1 - s, 1 + s], in random order."""
+    enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+    for index in rng.permutation(len(enhancers)):
+        factor = rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength)
+        image = enhancers[index](image).enhance(factor)
+    return image
+
+
+def random_erase(pixels: np.ndarray, rng: np.random.Generator,
+                 area: tuple[float, float] = (0.02, 1.0 / 3.0),
+                 log_ratio: tuple[float, float] = (math.log(0.3), math.log(1.0 / 0.3))
+                 ) -> np.ndarray:
+    """Replace one random rectangle (area fraction in ``area``) by per-pixel uniform noise.
+
+    The noise is uniform uint8, which after normalisation plays the role of the per-pixel Gaussian
+    noise of the usual 'pixel' mode applied to normalised tensors.
+    """
+    height, width = pixels.shape[:2]
+    for _ in range(10):
+        target = height * width * rng.uniform(*area)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        erase_h = int(round(math.sqrt(target * aspect)))
+        erase_w = int(round(math.sqrt(target / aspect)))
+        if 0 < erase_h < height and 0 < erase_w < width:
+            top = int(rng.integers(0, height - erase_h + 1))
+            left = int(rng.integers(0, width - erase_w + 1))
+            pixels = pixels.copy()
+            pixels[top:top + erase_h, left:left + erase_w] = rng.integers(
+                0, 256, (erase_h, erase_w, pixels.shape[2]), dtype=np.uint8)
+            return pixels
+    return pixels
