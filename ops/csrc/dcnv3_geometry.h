@@ -1,0 +1,94 @@
+// DCNv3 sampling geometry (SPEC §4), shared by the CPU and CUDA kernels.
+//
+// Plain C++ that also compiles under nvcc: no torch headers here, so the CUDA kernels stay
+// buildable with nvcc alone.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DCNV3_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DCNV3_HOST_DEVICE inline
+#endif
+
+namespace dcnv3 {
+
+// Every size the kernels need; built once per call from the validated tensors.
+struct Shape {
+  int64_t batch;
+  int64_t height_in, width_in;
+  int64_t height_out, width_out;
+  int64_t groups;
+  int64_t depth;   // channels per group (D)
+  int64_t points;  // sampling points per group (P)
+  int64_t kernel_h, kernel_w;
+  int64_t stride_h, stride_w;
+  int64_t pad_h, pad_w;
+  int64_t dilation_h, dilation_w;
+  double offset_scale;
+  bool remove_center;
+
+  DCNV3_HOST_DEVICE int64_t channels() const { return groups * depth; }
+  DCNV3_HOST_DEVICE int64_t pixels_out() const { return batch * height_out * width_out; }
+};
+
+// Kernel-grid position of point p: the width index i runs outer, the height index j inner, and
+// remove_center skips the centre (i = kw/2, j = kh/2), so later points shift up by one.
+DCNV3_HOST_DEVICE void kernel_point(const Shape& s, int64_t p, int64_t* i, int64_t* j) {
+  if (s.remove_center && p >= (s.kernel_w / 2) * s.kernel_h + s.kernel_h / 2) ++p;
+  *i = p / s.kernel_h;
+  *j = p % s.kernel_h;
+}
+
+// Bilinear footprint of one sampling location: the top-left corner, the fractional position and
+// which of the four corners lie inside the image (outside corners read 0).
+template <typename acc_t>
+struct Footprint {
+  int y0, x0;  // int: image sides fit easily, and 32-bit index math is cheaper on GPUs
+  acc_t ly, lx;  // fractional parts: weight of the lower / right neighbour
+  bool in_y0, in_y1, in_x0, in_x1;
+  bool contributes;  // false when loc <= -1 or loc >= size on either axis
+
+  DCNV3_HOST_DEVICE acc_t w00() const { return (1 - ly) * (1 - lx); }
+  DCNV3_HOST_DEVICE acc_t w01() const { return (1 - ly) * lx; }
+  DCNV3_HOST_DEVICE acc_t w10() const { return ly * (1 - lx); }
+  DCNV3_HOST_DEVICE acc_t w11() const { return ly * lx; }
+};
+
+// Location (in pixels of the unpadded input) of point p of output pixel (h_out, w_out) moved by
+// (dx, dy), as SPEC §4 writes it; offset_scale scales the kernel grid together with the offset.
+template <typename acc_t>
+DCNV3_HOST_DEVICE Footprint<acc_t> footprint(const Shape& s, int64_t h_out, int64_t w_out, int64_t p,
+                                             acc_t dx, acc_t dy) {
+  int64_t i, j;
+  kernel_point(s, p, &i, &j);
+  const int64_t centre_w = s.dilation_w * (s.kernel_w - 1) / 2;
+  const int64_t centre_h = s.dilation_h * (s.kernel_h - 1) / 2;
+  const acc_t scale = static_cast<acc_t>(s.offset_scale);
+  const acc_t loc_x = static_cast<acc_t>(w_out * s.stride_w - s.pad_w + centre_w) +
+                      (static_cast<acc_t>(i * s.dilation_w - centre_w) + dx) * scale;
+  const acc_t loc_y = static_cast<acc_t>(h_out * s.stride_h - s.pad_h + centre_h) +
+                      (static_cast<acc_t>(j * s.dilation_h - centre_h) + dy) * scale;
+  Footprint<acc_t> f;
+  f.contributes = loc_x > acc_t(-1) && loc_y > acc_t(-1) &&
+                  loc_x < static_cast<acc_t>(s.width_in) && loc_y < static_cast<acc_t>(s.height_in);
+  if (!f.contributes) {
+    f.y0 = f.x0 = 0;
+    f.ly = f.lx = acc_t(0);
+    f.in_y0 = f.in_y1 = f.in_x0 = f.in_x1 = false;
+    return f;
+  }
+  // loc > -1 here, so truncation after adding 1 is floor without calling floor().
+  f.y0 = static_cast<int>(loc_y + acc_t(1)) - 1;
+  f.x0 = static_cast<int>(loc_x + acc_t(1)) - 1;
+  f.ly = loc_y - static_cast<acc_t>(f.y0);
+  f.lx = loc_x - static_cast<acc_t>(f.x0);
+  f.in_y0 = f.y0 >= 0;
+  f.in_y1 = f.y0 + 1 < s.height_in;
+  f.in_x0 = f.x0 >= 0;
+  f.in_x1 = f.x0 + 1 < s.width_in;
+  return f;
+}
+
+}  // namespace dcnv3

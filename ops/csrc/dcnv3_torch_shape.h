@@ -1,0 +1,61 @@
+// Builds a dcnv3::Shape from torch tensors, re-checking what the Python wrapper already checked,
+// so a direct call into the extension with bad input raises instead of reading out of bounds.
+#pragma once
+
+#include <torch/extension.h>
+
+#include "dcnv3_geometry.h"
+
+namespace dcnv3 {
+
+inline Shape make_shape(const at::Tensor& value, const at::Tensor& offset, const at::Tensor& mask,
+                        int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
+                        int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w,
+                        int64_t groups, double offset_scale, bool remove_center) {
+  TORCH_CHECK(value.dim() == 4 && offset.dim() == 4 && mask.dim() == 4,
+              "dcnv3: value, offset and mask must be 4-D channels-last (N, H, W, C)");
+  TORCH_CHECK(value.is_contiguous() && offset.is_contiguous() && mask.is_contiguous(),
+              "dcnv3: the extension needs contiguous tensors; call internimage.ops.dcnv3_core");
+  TORCH_CHECK(value.scalar_type() == offset.scalar_type() && value.scalar_type() == mask.scalar_type(),
+              "dcnv3: value, offset and mask must share a dtype");
+  TORCH_CHECK(value.device() == offset.device() && value.device() == mask.device(),
+              "dcnv3: value, offset and mask must be on one device");
+  TORCH_CHECK(kernel_h >= 1 && kernel_w >= 1 && stride_h >= 1 && stride_w >= 1 && dilation_h >= 1 &&
+                  dilation_w >= 1 && pad_h >= 0 && pad_w >= 0,
+              "dcnv3: kernel, stride and dilation must be >= 1 and pad >= 0");
+  TORCH_CHECK(groups >= 1 && value.size(3) % groups == 0, "dcnv3: channels ", value.size(3),
+              " not divisible by groups=", groups);
+  TORCH_CHECK(!remove_center || (kernel_h == kernel_w && kernel_h % 2 == 1),
+              "dcnv3: remove_center needs a square odd kernel");
+  Shape s;
+  s.batch = value.size(0);
+  s.height_in = value.size(1);
+  s.width_in = value.size(2);
+  s.height_out = (s.height_in + 2 * pad_h - (dilation_h * (kernel_h - 1) + 1)) / stride_h + 1;
+  s.width_out = (s.width_in + 2 * pad_w - (dilation_w * (kernel_w - 1) + 1)) / stride_w + 1;
+  s.groups = groups;
+  s.depth = value.size(3) / groups;
+  s.points = kernel_h * kernel_w - (remove_center ? 1 : 0);
+  s.kernel_h = kernel_h;
+  s.kernel_w = kernel_w;
+  s.stride_h = stride_h;
+  s.stride_w = stride_w;
+  s.pad_h = pad_h;
+  s.pad_w = pad_w;
+  s.dilation_h = dilation_h;
+  s.dilation_w = dilation_w;
+  s.offset_scale = offset_scale;
+  s.remove_center = remove_center;
+  TORCH_CHECK(s.height_out >= 1 && s.width_out >= 1, "dcnv3: input too small for the kernel");
+  const auto expect = [&](const at::Tensor& t, int64_t last, const char* name) {
+    TORCH_CHECK(t.size(0) == s.batch && t.size(1) == s.height_out && t.size(2) == s.width_out &&
+                    t.size(3) == last,
+                "dcnv3: ", name, " must have shape (", s.batch, ", ", s.height_out, ", ", s.width_out,
+                ", ", last, "), got ", t.sizes());
+  };
+  expect(offset, groups * s.points * 2, "offset");
+  expect(mask, groups * s.points, "mask");
+  return s;
+}
+
+}  // namespace dcnv3

@@ -1,0 +1,89 @@
+"""Shared helpers for the DCNv3 operator tests: random problems in SPEC §4's layout."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from internimage.ops import extension
+from internimage.ops.reference import output_size
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One DCNv3 core configuration; ``make`` draws fresh random inputs for it."""
+    batch: int = 2
+    height: int = 7
+    width: int = 9
+    groups: int = 2
+    depth: int = 4
+    kernel: tuple[int, int] = (3, 3)
+    stride: tuple[int, int] = (1, 1)
+    pad: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    offset_scale: float = 1.0
+    remove_center: bool = False
+    offset_spread: float = 2.0  # std of the offsets, in input pixels
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def points(self) -> int:
+        return self.kernel[0] * self.kernel[1] - int(self.remove_center)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return (output_size(self.height, self.kernel[0], self.stride[0], self.pad[0], self.dilation[0]),
+                output_size(self.width, self.kernel[1], self.stride[1], self.pad[1], self.dilation[1]))
+
+    def kwargs(self) -> dict:
+        return dict(kernel_size=self.kernel, stride=self.stride, pad=self.pad, dilation=self.dilation,
+                    groups=self.groups, offset_scale=self.offset_scale, remove_center=self.remove_center)
+
+    def make(self, dtype=torch.float64, device="cpu", generator_seed: int = 0, off_integer: bool = False):
+        """(value, offset, mask) drawn fresh. ``off_integer`` keeps offsets' fractional parts in
+        [0.1, 0.9]: bilinear sampling has kinks at integer locations, where the reference's
+        one-sided derivative may legitimately differ from a kernel's (coarse bf16/fp16 offsets hit
+        integers often)."""
+        gen = torch.Generator().manual_seed(generator_seed)
+        h_out, w_out = self.out_hw
+        value = torch.randn(self.batch, self.height, self.width, self.groups * self.depth, generator=gen,
+                            dtype=torch.float64)
+        offset = torch.randn(self.batch, h_out, w_out, self.groups * self.points * 2, generator=gen,
+                             dtype=torch.float64) * self.offset_spread
+        mask = torch.rand(self.batch, h_out, w_out, self.groups * self.points, generator=gen,
+                          dtype=torch.float64)
+        if off_integer:
+            offset = offset.floor() + 0.1 + 0.8 * torch.rand(offset.shape, generator=gen, dtype=torch.float64)
+        return tuple(t.to(device=device, dtype=dtype) for t in (value, offset, mask))
+
+
+def require_cpu_kernel():
+    """Skips when the CPU kernel is not built, unless CI demanded it, where that is a failure."""
+    if not extension.kernels_available("cpu"):
+        if extension.require_fused_cpu():
+            pytest.fail(f"fused CPU kernel required but not loaded: {extension.load_error('cpu')}")
+        pytest.skip(f"fused CPU kernel not built: {extension.load_error('cpu')}")
+
+
+class TinyDCNv3Block(torch.nn.Module):
+    """A DCNv3 module as SPEC §3 writes it (no centre feature scale), built here so the op's tests
+    do not depend on the model package; offsets and mask get random weights so sampling moves."""
+
+    def __init__(self, channels: int = 16, groups: int = 2):
+        super().__init__()
+        self.groups = groups
+        self.input_proj = torch.nn.Linear(channels, channels)
+        self.dw_conv = torch.nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.norm = torch.nn.LayerNorm(channels, eps=1e-6)
+        self.offset = torch.nn.Linear(channels, groups * 9 * 2)
+        self.mask = torch.nn.Linear(channels, groups * 9)
+        self.output_proj = torch.nn.Linear(channels, channels)
+
+    def forward(self, x):
+        from internimage.ops import dcnv3_core
+        n, h, w, _ = x.shape
+        branch = torch.nn.functional.gelu(self.norm(self.dw_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)))
+        mask = self.mask(branch).reshape(n, h, w, self.groups, 9).softmax(-1).reshape(n, h, w, -1)
+        out = dcnv3_core(self.input_proj(x), self.offset(branch) * 3, mask, groups=self.groups)
+        return self.output_proj(out)

@@ -1,0 +1,105 @@
+"""The fused CPU kernel computes SPEC §4 exactly as the reference does: forward and all three
+gradients, in fp64 to 1e-10 and in fp32 to float rounding, over the operator's whole parameter
+space."""
+import zlib
+
+import pytest
+import torch
+
+from internimage import ops
+
+from ops_cases import Problem, require_cpu_kernel
+
+PROBLEMS = {
+    "default": Problem(),
+    "stride2": Problem(height=9, width=8, stride=(2, 2)),
+    "dilation2": Problem(height=9, width=10, dilation=(2, 2), pad=(2, 2)),
+    "pad0": Problem(pad=(0, 0)),
+    "pad2": Problem(pad=(2, 2)),
+    "offset_scale2": Problem(offset_scale=2.0),
+    "remove_center": Problem(remove_center=True),
+    "far_outside": Problem(offset_spread=25.0),
+    "kernel5x3_mixed": Problem(kernel=(5, 3), stride=(2, 1), pad=(2, 0), dilation=(1, 2), width=11),
+    "depth1": Problem(groups=3, depth=1),
+    "depth3": Problem(groups=2, depth=3),
+    "depth16": Problem(groups=4, depth=16, height=5, width=6),
+    "depth30": Problem(groups=1, depth=30, height=5, width=5),
+    "depth32": Problem(groups=2, depth=32, height=4, width=5),
+    "depth64": Problem(groups=1, depth=64, height=4, width=4),
+    "batch1": Problem(batch=1),
+    "batch3": Problem(batch=3),
+    "batch257": Problem(batch=257, height=3, width=4, groups=1, depth=2),
+}
+
+
+def _forward_and_grads(fn, problem, inputs, grad_out):
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves, **problem.kwargs())
+    return (out, *torch.autograd.grad(out, leaves, grad_out))
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_fused_matches_reference_in_fp64(name):
+    require_cpu_kernel()
+    problem = PROBLEMS[name]
+    inputs = problem.make(torch.float64, generator_seed=zlib.crc32(name.encode()))
+    grad_out = torch.randn(problem.batch, *problem.out_hw, problem.groups * problem.depth,
+                           dtype=torch.float64)
+    fused = _forward_and_grads(ops.dcnv3_core, problem, inputs, grad_out)
+    reference = _forward_and_grads(ops.dcnv3_core_reference, problem, inputs, grad_out)
+    for label, a, b in zip(("output", "grad value", "grad offset", "grad mask"), fused, reference):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=lambda m: f"{name} {label}: {m}")
+
+
+@pytest.mark.parametrize("name", ["default", "stride2", "remove_center", "far_outside", "depth30"])
+def test_fused_matches_reference_in_fp32(name):
+    require_cpu_kernel()
+    problem = PROBLEMS[name]
+    inputs = problem.make(torch.float32, generator_seed=7)
+    grad_out = torch.randn(problem.batch, *problem.out_hw, problem.groups * problem.depth)
+    fused = _forward_and_grads(ops.dcnv3_core, problem, inputs, grad_out)
+    exact = _forward_and_grads(ops.dcnv3_core_reference, problem, [t.double() for t in inputs],
+                               grad_out.double())
+    for label, a, b in zip(("output", "grad value", "grad offset", "grad mask"), fused, exact):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{label}: {m}")
+
+
+def test_bf16_accumulates_in_fp32():
+    require_cpu_kernel()
+    problem = Problem(groups=2, depth=32, height=6, width=6)
+    inputs = problem.make(torch.bfloat16, generator_seed=3, off_integer=True)
+    grad_out = torch.randn(problem.batch, *problem.out_hw, 64).bfloat16()
+    fused = _forward_and_grads(ops.dcnv3_core, problem, inputs, grad_out)
+    exact = _forward_and_grads(ops.dcnv3_core_reference, problem, [t.double() for t in inputs],
+                               grad_out.double())
+    for label, a, b in zip(("output", "grad value", "grad offset", "grad mask"), fused, exact):
+        assert a.dtype == torch.bfloat16
+        rel = (a.double() - b).norm() / b.norm()
+        assert rel < 1e-2, f"{label}: relative error {rel:.2e}"
+
+
+def test_gradcheck_fp64():
+    require_cpu_kernel()
+    problem = Problem(batch=1, height=4, width=5, groups=2, depth=3, offset_scale=1.5, stride=(2, 1))
+    value, offset, mask = problem.make(torch.float64, generator_seed=11)
+    # Keep sampling points off integer coordinates, where bilinear interpolation has kinks.
+    offset = offset + 0.37
+    inputs = [t.requires_grad_(True) for t in (value, offset, mask)]
+    assert torch.autograd.gradcheck(lambda v, o, m: ops.dcnv3_core(v, o, m, **problem.kwargs()), inputs)
+
+
+def test_backward_is_deterministic():
+    require_cpu_kernel()
+    problem = Problem(batch=3, groups=2, depth=8, offset_spread=0.7)
+    inputs = problem.make(torch.float32, generator_seed=5)
+    grad_out = torch.randn(problem.batch, *problem.out_hw, 16)
+    first = _forward_and_grads(ops.dcnv3_core, problem, inputs, grad_out)
+    torch.use_deterministic_algorithms(True)
+    try:
+        second = _forward_and_grads(ops.dcnv3_core, problem, inputs, grad_out)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
