@@ -1,0 +1,122 @@
+"""Shard writing and reading: our writer, webdataset's TarWriter and plain tar all read back."""
+import json
+import os
+import subprocess
+import tarfile
+
+import pytest
+import webdataset
+
+from internimage.data.faults import SkipCounter
+from internimage.data.shards import (expand_shards, iter_samples, read_sample_counts,
+                                     shard_sample_counts, split_member_name)
+from internimage.data.writer import Sample, ShardWriter
+
+from data_cases import jpeg_bytes
+
+
+def read_all(pattern: str) -> list:
+    counter = SkipCounter()
+    samples = [s for url in expand_shards(pattern) for s in iter_samples(url, counter)]
+    assert counter.total() == 0
+    return samples
+
+
+def test_writer_round_trip_keeps_labels_captions_and_counts(tmp_path):
+    images = {f"k{i}": jpeg_bytes(i) for i in range(7)}
+    with ShardWriter(str(tmp_path), "train", max_samples=3) as writer:
+        for i, (key, data) in enumerate(images.items()):
+            writer.write(Sample(key, data, "jpg", label=i * 10,
+                                caption=f"un chat numéro {i}" if i % 2 else None))
+    assert writer.shards == {"train-000000.tar": 3, "train-000001.tar": 3, "train-000002.tar": 1}
+    index = json.loads((tmp_path / "train-index.json").read_text())
+    assert index == {"shards": writer.shards, "total": 7}
+
+    samples = read_all(writer.pattern())
+    assert [s.key for s in samples] == list(images)
+    for i, sample in enumerate(samples):
+        assert sample.members["jpg"] == images[sample.key]
+        assert sample.members["cls"] == str(i * 10).encode()
+        assert ("txt" in sample.members) == bool(i % 2)
+    assert samples[1].members["txt"].decode("utf-8") == "un chat numéro 1"
+    assert read_sample_counts(expand_shards(writer.pattern())) == {
+        str(tmp_path / name): count for name, count in writer.shards.items()}
+
+
+def test_writer_starts_a_new_shard_at_max_bytes(tmp_path):
+    data = os.urandom(50_000)  # the writer stores bytes as they are; headers are small beside
+    with ShardWriter(str(tmp_path), "train", max_samples=100, max_bytes=175_000) as writer:
+        for i in range(7):
+            writer.write(Sample(f"k{i}", data, "jpg", label=0))
+    assert list(writer.shards.values()) == [3, 3, 1]
+
+
+def test_webdataset_tarwriter_shards_read_back(tmp_path):
+    path = str(tmp_path / "wds-000000.tar")
+    with webdataset.TarWriter(path) as sink:
+        for i in range(5):
+            sink.write({"__key__": f"sample{i:03d}", "jpg": jpeg_bytes(i), "cls": i,
+                        "txt": f"caption {i}", "json": {"caption": f"caption {i}"}})
+    samples = read_all(path)
+    assert [s.key for s in samples] == [f"sample{i:03d}" for i in range(5)]
+    assert [int(s.members["cls"]) for s in samples] == list(range(5))
+    assert [s.members["txt"].decode() for s in samples] == [f"caption {i}" for i in range(5)]
+    assert all(s.members["jpg"] == jpeg_bytes(i) for i, s in enumerate(samples))
+
+
+def test_plain_tar_of_a_folder_reads_back_with_directory_keys(tmp_path):
+    folder = tmp_path / "images" / "part0"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"{i:05d}.jpg").write_bytes(jpeg_bytes(i))
+        (folder / f"{i:05d}.txt").write_text(f"a photo {i}")
+    shard = tmp_path / "plain-000000.tar"
+    subprocess.run(["tar", "--sort=name", "-cf", str(shard), "-C", str(tmp_path), "images"], check=True)
+    samples = read_all(str(shard))
+    assert [s.key for s in samples] == [f"images/part0/{i:05d}" for i in range(3)]
+    assert [s.members["txt"] for s in samples] == [f"a photo {i}".encode() for i in range(3)]
+
+
+def test_pipe_command_and_gzip_shards_read_back(tmp_path):
+    with ShardWriter(str(tmp_path), "train", max_samples=10) as writer:
+        for i in range(4):
+            writer.write(Sample(f"k{i}", jpeg_bytes(i), "jpg", label=i))
+    plain = tmp_path / "train-000000.tar"
+    gz = tmp_path / "gz-000000.tar.gz"
+    with tarfile.open(gz, "w:gz") as out, tarfile.open(plain) as source:
+        for member in source:
+            out.addfile(member, source.extractfile(member))
+    assert [s.key for s in read_all(f"pipe:cat {plain}")] == ["k0", "k1", "k2", "k3"]
+    assert [s.key for s in read_all(str(gz))] == ["k0", "k1", "k2", "k3"]
+    assert shard_sample_counts([f"pipe:cat {plain}"]) == {f"pipe:cat {plain}": 4}
+
+
+def test_only_image_text_class_and_json_members_are_kept(tmp_path):
+    shard = tmp_path / "x-000000.tar"
+    with webdataset.TarWriter(str(shard), encoder=False) as sink:
+        sink.write({"__key__": "a", "jpg": b"jpegbytes", "pyd": b"\x80\x04pickle", "pth": b"x",
+                    "cls": b"3", "json": b"{}"})
+    (sample,) = read_all(str(shard))
+    assert set(sample.members) == {"jpg", "cls", "json"}
+
+
+def test_brace_patterns_and_member_names():
+    assert expand_shards("/d/a-{000..002}.tar::/e/b.tar") == [
+        "/d/a-000.tar", "/d/a-001.tar", "/d/a-002.tar", "/e/b.tar"]
+    assert split_member_name("dir/0001.seg.JPG") == ("dir/0001", "seg.jpg")
+    assert split_member_name("0001.cls") == ("0001", "cls")
+
+
+def test_missing_index_falls_back_to_counting(tmp_path):
+    with ShardWriter(str(tmp_path), "train", max_samples=2) as writer:
+        for i in range(5):
+            writer.write(Sample(f"k{i}", jpeg_bytes(i), "jpg", label=i))
+    os.remove(tmp_path / "train-index.json")
+    urls = expand_shards(writer.pattern())
+    assert read_sample_counts(urls) is None
+    assert list(shard_sample_counts(urls).values()) == [2, 2, 1]
+
+
+def test_writer_rejects_prefix_with_dash(tmp_path):
+    with pytest.raises(ValueError, match="prefix"):
+        ShardWriter(str(tmp_path), "in-22k")
