@@ -67,6 +67,22 @@ def split_member_name(name: str) -> tuple[str, str]:
     return os.path.join(directory, stem) if directory else stem, ext.lower() if dot else ""
 
 
+class _HeaderWatch(tarfile.TarInfo):
+    """Remembers why header reading stopped: tarfile ends a stream quietly on a cut header."""
+
+    @classmethod
+    def fromtarfile(cls, archive):
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.HeaderError as error:
+            archive.stop_reason = error
+            raise
+
+
+def _ended_cleanly(archive: tarfile.TarFile) -> bool:
+    return isinstance(getattr(archive, "stop_reason", None), tarfile.EOFHeaderError)
+
+
 @dataclass
 class RawSample:
     """The kept members of one sample (extension -> bytes), and where it came from."""
@@ -88,10 +104,11 @@ def iter_samples(url: str, counter: SkipCounter) -> Iterator[RawSample]:
         counter.skip(OPEN_FAILED, url, error)
         return
     yielded = 0
+    failed = False
     try:
         current: RawSample | None = None
         try:
-            with tarfile.open(fileobj=stream, mode="r|*") as archive:
+            with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_HeaderWatch) as archive:
                 for member in archive:
                     if not member.isfile():
                         continue
@@ -103,18 +120,25 @@ def iter_samples(url: str, counter: SkipCounter) -> Iterator[RawSample]:
                     if current is None:
                         current = RawSample(key, url, {})
                     if ext in KEPT_EXTENSIONS:
-                        current.members[ext] = archive.extractfile(member).read()
+                        data = archive.extractfile(member).read()
+                        if len(data) != member.size:
+                            raise tarfile.ReadError(f"{member.name}: data cut at {len(data)} "
+                                                    f"of {member.size} bytes")
+                        current.members[ext] = data
+                if not _ended_cleanly(archive):
+                    raise tarfile.ReadError("tar ends without its end-of-archive blocks")
             if current is not None:
                 yield current
                 yielded += 1
         except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+            failed = True
             reason = TRUNCATED_TAR if yielded or current is not None else OPEN_FAILED
             counter.skip(reason, url, error)
     finally:
         stream.close()
         if process is not None:
             process.wait()
-            if process.returncode not in (0, None) and yielded == 0:
+            if process.returncode not in (0, None) and not failed:
                 counter.skip(OPEN_FAILED, url, f"pipe exited with {process.returncode}")
 
 
