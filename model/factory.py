@@ -1,6 +1,7 @@
 """``create_model`` and ``list_models``: the timm-like entry points."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Sequence
 
@@ -31,8 +32,10 @@ def create_model(name: str, num_classes: int = 1000, pretrained: str | Path | No
         arch_overrides: fields of ``InternImageArch`` (depths, channels, groups, ...).
     """
     arch = arch_with_overrides(name, **arch_overrides)
-    model = InternImage(arch, num_classes=num_classes, drop_path_rate=drop_path_rate,
-                        features_only=features_only, out_indices=out_indices)
+    # With weights to load, build on the meta device: random initialisation of H/G takes minutes.
+    with torch.device("meta") if pretrained is not None else contextlib.nullcontext():
+        model = InternImage(arch, num_classes=num_classes, drop_path_rate=drop_path_rate,
+                            features_only=features_only, out_indices=out_indices)
     if pretrained is not None:
         load_pretrained(model, pretrained, class_indices=class_indices)
     if with_cp:

@@ -52,6 +52,9 @@ def _head_rows(state: dict[str, Tensor], class_indices: Sequence[int]) -> None:
 def load_pretrained(model: nn.Module, source: str | Path | Mapping, class_indices: Sequence[int] | None = None) -> None:
     """Loads official-format weights into ``model`` in place.
 
+    A model built on the meta device takes the checkpoint's tensors without copying (the fast
+    path ``create_model(pretrained=...)`` uses, skipping random initialisation).
+
     Every backbone key must be present with its shape; otherwise ValueError names the keys. The
     final Linear (``head``) follows the checkpoint when sizes agree, takes the rows ``class_indices``
     when given (21841 → 1000 remap), and is otherwise left freshly initialised with a warning.
@@ -76,25 +79,28 @@ def load_pretrained(model: nn.Module, source: str | Path | Mapping, class_indice
     if mismatched:
         raise ValueError("checkpoint shapes differ from the model:\n  " + "\n  ".join(mismatched))
 
-    if not features_only:
-        _load_classifier(model, state, own, class_indices)
-    model.load_state_dict({k: v for k, v in state.items() if k not in CLASSIFIER_KEYS}, strict=False)
+    on_meta = any(t.is_meta for t in own.values())
+    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+    load_head = not features_only and _classifier_fits(model, state, own, class_indices)
+    model.load_state_dict({k: v for k, v in state.items() if load_head or k not in CLASSIFIER_KEYS},
+                          strict=False, assign=on_meta)
+    if on_meta and not features_only and not load_head and "head.weight" in own:
+        model.reset_classifier(model.num_classes)  # a fresh head, on the weights' device
 
 
-def _load_classifier(model: nn.Module, state: dict[str, Tensor], own: dict[str, Tensor],
-                     class_indices: Sequence[int] | None) -> None:
+def _classifier_fits(model: nn.Module, state: dict[str, Tensor], own: dict[str, Tensor],
+                     class_indices: Sequence[int] | None) -> bool:
+    """Whether the checkpoint's head (after the optional row remap) can load; warns when it cannot."""
     has_head = all(k in state for k in CLASSIFIER_KEYS)
     if class_indices is not None:
         if not has_head:
             raise ValueError("class_indices given, but the checkpoint has no head.weight/head.bias")
         _head_rows(state, class_indices)
     if not all(k in own for k in CLASSIFIER_KEYS):  # num_classes=0: pooled features out, no classifier
-        return
+        return False
     if has_head and all(state[k].shape == own[k].shape for k in CLASSIFIER_KEYS):
-        with torch.no_grad():
-            model.head.weight.copy_(state["head.weight"])
-            model.head.bias.copy_(state["head.bias"])
-        return
+        return True
     found = tuple(state["head.weight"].shape) if has_head else "none"
     log.warning("checkpoint head %s does not fit the model's %d classes: the head stays freshly "
                 "initialised (pass class_indices to remap classes instead)", found, own["head.weight"].shape[0])
+    return False

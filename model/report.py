@@ -1,7 +1,8 @@
 """Parameter and FLOP report through fvcore, with a handle for the DCNv3 core (SPEC §1 convention).
 
-FLOPs here are multiply-adds, as fvcore and the published InternImage numbers count them. Large
-variants are measured on the meta device: shapes only, no weights allocated.
+FLOPs here are multiply-adds, as fvcore and the published InternImage numbers count them. fvcore
+traces a real forward pass (the meta device does not survive ``torch.jit.trace``), so variants are
+built on the meta device and then given zero-stride weights: H and G are counted in about 2 GB.
 
     python -m internimage.model.report --model internimage_h --img-size 640 [--json PATH]
 """
@@ -22,12 +23,13 @@ from .factory import create_model, list_models
 
 DCNV3_MACS_PER_POINT = 5  # 4 bilinear corners + the mask weight, per output channel and point
 
-# Published multiply-adds and resolutions (SPEC §1), for the comparison column.
+# SPEC §1: resolution, published multiply-adds (rounded), multiply-adds counted layer by layer, params.
 PUBLISHED = {
-    "internimage_t": (224, 5e9, 29_918_424), "internimage_s": (224, 8e9, 50_079_880),
-    "internimage_b": (224, 16e9, 97_461_832), "internimage_l": (384, 108e9, 223_334_810),
-    "internimage_xl": (384, 163e9, 334_819_780), "internimage_h": (640, 1478e9, 1_089_636_760),
-    "internimage_g": (512, 2700e9, 3_076_373_352),
+    "internimage_t": (224, 5e9, 4.9e9, 29_918_424), "internimage_s": (224, 8e9, 8.3e9, 50_079_880),
+    "internimage_b": (224, 16e9, 16.2e9, 97_461_832), "internimage_l": (384, 108e9, 107.8e9, 223_334_810),
+    "internimage_xl": (384, 163e9, 162.9e9, 334_819_780),
+    "internimage_h": (640, 1478e9, 1493e9, 1_089_636_760),
+    "internimage_g": (512, 2700e9, 2711e9, 3_076_373_352),
 }
 
 
@@ -93,15 +95,30 @@ def count_flops(model: nn.Module, img_size: int) -> int:
     return model_report(model, img_size)["flops"]
 
 
-def report_for(name: str, img_size: int | None = None, device: str = "meta", **create_kwargs) -> dict:
-    """Builds ``name`` (on the meta device by default: no weights allocated) and reports it."""
+def zero_stride_weights(model: nn.Module) -> nn.Module:
+    """Replaces every parameter and buffer by a zero-stride view of one zero scalar, in place.
+
+    The shapes stay, the memory goes: a meta-device model becomes runnable for tracing and counting.
+    """
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            zeros = torch.zeros((), dtype=param.dtype).expand(param.shape)
+            setattr(module, name, nn.Parameter(zeros, requires_grad=False))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            module.register_buffer(name, torch.zeros((), dtype=buffer.dtype).expand(buffer.shape))
+    return model
+
+
+def report_for(name: str, img_size: int | None = None, **create_kwargs) -> dict:
+    """Builds ``name`` without allocating its weights (``zero_stride_weights``) and reports it."""
     img_size = img_size or PUBLISHED[name][0]
-    with torch.device(device):
+    with torch.device("meta"):
         model = create_model(name, drop_path_rate=0.0, **create_kwargs)
-    report = model_report(model, img_size)
+    with torch.no_grad():
+        report = model_report(zero_stride_weights(model), img_size)
     report["model"] = name
     if name in PUBLISHED and img_size == PUBLISHED[name][0] and not create_kwargs:
-        report["published_flops"], report["published_params"] = PUBLISHED[name][1], PUBLISHED[name][2]
+        _, report["published_flops"], report["layerwise_flops"], report["published_params"] = PUBLISHED[name]
     return report
 
 
@@ -112,9 +129,10 @@ def format_report(report: dict) -> str:
         lines.append(f"{row['section']:<10}{row['params']:>16,}{row['flops'] / 1e9:>12.3f}")
     lines.append(f"{'total':<10}{report['params']:>16,}{report['flops'] / 1e9:>12.3f}")
     if "published_flops" in report:
-        delta = report["flops"] / report["published_flops"] - 1
-        lines.append(f"published: {report['published_params']:,} params, {report['published_flops'] / 1e9:.0f} GMACs "
-                     f"(ours {delta:+.1%})")
+        published, layerwise = report["published_flops"], report["layerwise_flops"]
+        lines.append(f"published: {report['published_params']:,} params, {published / 1e9:g} GMACs "
+                     f"(ours {report['flops'] / published - 1:+.1%}); counted layer by layer {layerwise / 1e9:g} "
+                     f"GMACs (ours {report['flops'] / layerwise - 1:+.1%})")
     if report["unsupported_ops"]:
         skipped = ", ".join(f"{op}×{n}" for op, n in sorted(report["unsupported_ops"].items()))
         lines.append(f"not counted by fvcore (elementwise, no multiply-adds by convention): {skipped}")
