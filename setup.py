@@ -53,7 +53,7 @@ def _kernel_build():
         extensions.append(cpp_extension.CUDAExtension(
             "internimage.ops._cuda", [os.path.join(CSRC, "dcnv3_cuda.cu")],
             extra_compile_args={"cxx": ["-O3"],
-                                "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]}))
+                                "nvcc": ["-O3", "-lineinfo"]}))
     return extensions, {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 

@@ -35,10 +35,11 @@ struct Shape {
 
 // Kernel-grid position of point p: the width index i runs outer, the height index j inner, and
 // remove_center skips the centre (i = kw/2, j = kh/2), so later points shift up by one.
-DCNV3_HOST_DEVICE void kernel_point(const Shape& s, int64_t p, int64_t* i, int64_t* j) {
-  if (s.remove_center && p >= (s.kernel_w / 2) * s.kernel_h + s.kernel_h / 2) ++p;
-  *i = p / s.kernel_h;
-  *j = p % s.kernel_h;
+DCNV3_HOST_DEVICE void kernel_point(const Shape& s, int p, int* i, int* j) {
+  const int kernel_h = static_cast<int>(s.kernel_h), kernel_w = static_cast<int>(s.kernel_w);
+  if (s.remove_center && p >= (kernel_w / 2) * kernel_h + kernel_h / 2) ++p;
+  *i = p / kernel_h;
+  *j = p % kernel_h;
 }
 
 // Bilinear footprint of one sampling location: the top-left corner, the fractional position and
@@ -58,18 +59,22 @@ struct Footprint {
 
 // Location (in pixels of the unpadded input) of point p of output pixel (h_out, w_out) moved by
 // (dx, dy), as SPEC §4 writes it; offset_scale scales the kernel grid together with the offset.
+// 32-bit index math throughout: these are small numbers, and 64-bit division is slow on GPUs.
 template <typename acc_t>
-DCNV3_HOST_DEVICE Footprint<acc_t> footprint(const Shape& s, int64_t h_out, int64_t w_out, int64_t p,
-                                             acc_t dx, acc_t dy) {
-  int64_t i, j;
+DCNV3_HOST_DEVICE Footprint<acc_t> footprint(const Shape& s, int h_out, int w_out, int p, acc_t dx,
+                                             acc_t dy) {
+  int i, j;
   kernel_point(s, p, &i, &j);
-  const int64_t centre_w = s.dilation_w * (s.kernel_w - 1) / 2;
-  const int64_t centre_h = s.dilation_h * (s.kernel_h - 1) / 2;
+  const int dil_w = static_cast<int>(s.dilation_w), dil_h = static_cast<int>(s.dilation_h);
+  const int centre_w = dil_w * (static_cast<int>(s.kernel_w) - 1) / 2;
+  const int centre_h = dil_h * (static_cast<int>(s.kernel_h) - 1) / 2;
   const acc_t scale = static_cast<acc_t>(s.offset_scale);
-  const acc_t loc_x = static_cast<acc_t>(w_out * s.stride_w - s.pad_w + centre_w) +
-                      (static_cast<acc_t>(i * s.dilation_w - centre_w) + dx) * scale;
-  const acc_t loc_y = static_cast<acc_t>(h_out * s.stride_h - s.pad_h + centre_h) +
-                      (static_cast<acc_t>(j * s.dilation_h - centre_h) + dy) * scale;
+  const acc_t loc_x =
+      static_cast<acc_t>(w_out * static_cast<int>(s.stride_w) - static_cast<int>(s.pad_w) + centre_w) +
+      (static_cast<acc_t>(i * dil_w - centre_w) + dx) * scale;
+  const acc_t loc_y =
+      static_cast<acc_t>(h_out * static_cast<int>(s.stride_h) - static_cast<int>(s.pad_h) + centre_h) +
+      (static_cast<acc_t>(j * dil_h - centre_h) + dy) * scale;
   Footprint<acc_t> f;
   f.contributes = loc_x > acc_t(-1) && loc_y > acc_t(-1) &&
                   loc_x < static_cast<acc_t>(s.width_in) && loc_y < static_cast<acc_t>(s.height_in);
