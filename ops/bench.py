@@ -1,0 +1,231 @@
+"""Times the DCNv3 core on InternImage's shapes against the reference and the memory floor.
+
+    python -m internimage.ops.bench [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+                                    [--variants t,h] [--batch N] [--repeats R] [--json PATH]
+                                    [--no-reference] [--no-dcnv4]
+
+Per shape (every DCNv3 layer shape of the four stages at 224², N=64 on GPU, N=8 on CPU): forward
+and backward medians of ours, of the reference and (GPU, if the PyPI ``DCNv4`` package imports)
+of DCNv4; the speed-up; the bytes the op must move at least (forward: value + offset + mask +
+output; backward: value + offset + mask + grad_output + the three gradients), the achieved GB/s,
+the floor (those bytes over the measured copy bandwidth) and ours/floor. Numbers, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from . import extension
+from .dcnv3 import dcnv3_core
+from .reference import dcnv3_core_reference
+
+# SPEC §1: stage-1 channels and groups per stage; stages halve the side from 56 at 224².
+VARIANTS = {"t": (64, (4, 8, 16, 32)), "h": (320, (10, 20, 40, 80))}
+PARAMS = (3, 3, 1, 1, 1, 1, 1, 1)  # kernel, stride, pad, dilation (h, w each)
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    name: str
+    batch: int
+    side: int
+    groups: int
+    depth: int
+
+    @property
+    def channels(self) -> int:
+        return self.groups * self.depth
+
+
+@dataclass
+class Row:
+    shape: BenchShape
+    ms: dict = field(default_factory=dict)  # "ours_fwd", "ref_bwd", "dcnv4_fwd", ...
+    bytes_fwd: int = 0
+    bytes_bwd: int = 0
+
+
+def shapes_for(variants: list[str], batch: int) -> list[BenchShape]:
+    out = []
+    for variant in variants:
+        channels, groups = VARIANTS[variant]
+        for stage, g in enumerate(groups):
+            out.append(BenchShape(f"{variant.upper()}-stage{stage + 1}", batch, 56 >> stage, g,
+                                  (channels << stage) // g))
+    return out
+
+
+def make_inputs(shape: BenchShape, dtype: torch.dtype, device: str):
+    n, s, g = shape.batch, shape.side, shape.groups
+    value = torch.randn(n, s, s, shape.channels, device=device, dtype=dtype)
+    offset = torch.randn(n, s, s, g * 18, device=device, dtype=dtype)
+    mask = torch.randn(n, s, s, g, 9, device=device, dtype=torch.float32).softmax(-1)
+    return value, offset, mask.reshape(n, s, s, g * 9).to(dtype)
+
+
+def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of fn; CUDA events around each call on the GPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: str) -> float:
+    """Device-memory bandwidth as a large copy moves it (bytes read + bytes written)."""
+    numel = (1 << 28) if device == "cuda" else (1 << 26)  # 1 GiB / 256 MiB of fp32
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, repeats=10)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def _dcnv4_function():
+    try:
+        from DCNv4.functions.dcnv4_func import DCNv4Function
+    except Exception as error:  # not installed, or built for another torch
+        return None, f"{type(error).__name__}: {error}"
+    return DCNv4Function, None
+
+
+def _dcnv4_pack(offset: torch.Tensor, mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """DCNv4's offset_mask: per group its 18 offsets then its 9 (already softmaxed) mask values,
+    the row padded to a multiple of 8 channels."""
+    n, h, w, _ = offset.shape
+    packed = torch.cat([offset.reshape(n, h, w, groups, 18), mask.reshape(n, h, w, groups, 9)], dim=-1)
+    packed = packed.reshape(n, h, w, groups * 27)
+    pad = -packed.shape[-1] % 8
+    return torch.nn.functional.pad(packed, (0, pad)).contiguous()
+
+
+def bench_shape(shape: BenchShape, dtype, device, repeats, with_reference, dcnv4) -> Row:
+    value, offset, mask = make_inputs(shape, dtype, device)
+    grad = torch.randn(shape.batch, shape.side, shape.side, shape.channels, device=device, dtype=dtype)
+    element = value.element_size()
+    row = Row(shape)
+    row.bytes_fwd = (value.numel() + offset.numel() + mask.numel() + grad.numel()) * element
+    row.bytes_bwd = row.bytes_fwd + (value.numel() + offset.numel() + mask.numel()) * element
+    params = (*PARAMS, shape.groups, 1.0, False)
+
+    row.ms["ours_fwd"] = median_ms(lambda: dcnv3_core(value, offset, mask, groups=shape.groups), device, repeats)
+    backward_op = torch.ops.internimage.dcnv3_core_backward
+    row.ms["ours_bwd"] = median_ms(lambda: backward_op(grad, value, offset, mask, *params), device, repeats)
+
+    if with_reference:
+        leaves = [t.clone().requires_grad_(True) for t in (value, offset, mask)]
+        with torch.no_grad():
+            row.ms["ref_fwd"] = median_ms(lambda: dcnv3_core_reference(value, offset, mask, groups=shape.groups),
+                                          device, repeats)
+        out = dcnv3_core_reference(*leaves, groups=shape.groups)
+        row.ms["ref_bwd"] = median_ms(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True),
+                                      device, repeats)
+        del out
+    if dcnv4 is not None:
+        packed = _dcnv4_pack(offset, mask, shape.groups)
+        args = (3, 3, 1, 1, 1, 1, 1, 1, shape.groups, shape.depth, 1.0, shape.batch, 0)
+        with torch.no_grad():
+            row.ms["dcnv4_fwd"] = median_ms(lambda: dcnv4.apply(value, packed, *args), device, repeats)
+        leaves = [value.clone().requires_grad_(True), packed.clone().requires_grad_(True)]
+        out = dcnv4.apply(*leaves, *args)
+        row.ms["dcnv4_bwd"] = median_ms(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True),
+                                        device, repeats)
+    return row
+
+
+def summarise(row: Row, bandwidth_gbs: float) -> dict:
+    ms = row.ms
+    floor_fwd = row.bytes_fwd / bandwidth_gbs / 1e6
+    floor_bwd = row.bytes_bwd / bandwidth_gbs / 1e6
+    out = {**asdict(row.shape), "ms": ms, "bytes_fwd": row.bytes_fwd, "bytes_bwd": row.bytes_bwd,
+           "floor_fwd_ms": floor_fwd, "floor_bwd_ms": floor_bwd,
+           "ours_fwd_gbs": row.bytes_fwd / ms["ours_fwd"] / 1e6, "ours_bwd_gbs": row.bytes_bwd / ms["ours_bwd"] / 1e6,
+           "ours_over_floor_fwd": ms["ours_fwd"] / floor_fwd, "ours_over_floor_bwd": ms["ours_bwd"] / floor_bwd}
+    for other in ("ref", "dcnv4"):
+        if f"{other}_fwd" in ms:
+            out[f"speedup_vs_{other}_fwd"] = ms[f"{other}_fwd"] / ms["ours_fwd"]
+            out[f"speedup_vs_{other}_bwd"] = ms[f"{other}_bwd"] / ms["ours_bwd"]
+            out[f"speedup_vs_{other}_fwd_bwd"] = ((ms[f"{other}_fwd"] + ms[f"{other}_bwd"]) /
+                                                 (ms["ours_fwd"] + ms["ours_bwd"]))
+    return out
+
+
+def format_table(results: list[dict]) -> str:
+    head = (f"{'shape':<10} {'N':>3} {'side':>4} {'G':>3} {'D':>3} | {'ours f/b ms':>15} | {'ref f/b ms':>15} | "
+            f"{'x ref f+b':>8} | {'dcnv4 f/b ms':>15} | {'x dcnv4 f/b':>11} | {'GB/s f/b':>11} | "
+            f"{'floor f/b ms':>15} | {'/floor f/b':>10}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        ms = r["ms"]
+        pair = lambda a, b: f"{a:7.3f}/{b:7.3f}"
+        ref = pair(ms["ref_fwd"], ms["ref_bwd"]) if "ref_fwd" in ms else "-"
+        v4 = pair(ms["dcnv4_fwd"], ms["dcnv4_bwd"]) if "dcnv4_fwd" in ms else "-"
+        v4x = (f"{r['speedup_vs_dcnv4_fwd']:5.2f}/{r['speedup_vs_dcnv4_bwd']:5.2f}"
+               if "dcnv4_fwd" in ms else "-")
+        lines.append(
+            f"{r['name']:<10} {r['batch']:>3} {r['side']:>4} {r['groups']:>3} {r['depth']:>3} | "
+            f"{pair(ms['ours_fwd'], ms['ours_bwd']):>15} | {ref:>15} | "
+            f"{r.get('speedup_vs_ref_fwd_bwd', float('nan')):8.2f} | {v4:>15} | {v4x:>11} | "
+            f"{r['ours_fwd_gbs']:5.1f}/{r['ours_bwd_gbs']:5.1f} | "
+            f"{pair(r['floor_fwd_ms'], r['floor_bwd_ms']):>15} | "
+            f"{r['ours_over_floor_fwd']:4.1f}/{r['ours_over_floor_bwd']:4.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--variants", default="t,h", help="comma list of t, h")
+    parser.add_argument("--batch", type=int, default=None, help="default: 64 on CUDA, 8 on CPU")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 50 on CUDA, 5 on CPU")
+    parser.add_argument("--json", default=None, help="write the results (and the environment) here")
+    parser.add_argument("--no-reference", action="store_true", help="skip timing the reference")
+    parser.add_argument("--no-dcnv4", action="store_true", help="skip the DCNv4 baseline")
+    args = parser.parse_args(argv)
+    device = args.device
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    batch = args.batch or (64 if device == "cuda" else 8)
+    repeats = args.repeats or (50 if device == "cuda" else 5)
+    if extension.kernels_for(torch.device(device)) is None:
+        raise SystemExit(f"no compiled DCNv3 kernel for {device}: {extension.load_error(device)}")
+    dcnv4, dcnv4_error = (None, "skipped") if (args.no_dcnv4 or device != "cuda") else _dcnv4_function()
+
+    bandwidth = copy_bandwidth_gbs(device)
+    results = []
+    for shape in shapes_for(args.variants.split(","), batch):
+        row = bench_shape(shape, dtype, device, repeats, not args.no_reference, dcnv4)
+        results.append(summarise(row, bandwidth))
+        print(f"done {shape.name}", flush=True)
+    env = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype),
+           "copy_bandwidth_gbs": bandwidth, "dcnv4": dcnv4_error or "timed", "repeats": repeats}
+    print(f"# {env}")
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"environment": env, "results": results}, handle, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
