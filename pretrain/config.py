@@ -1,0 +1,212 @@
+"""The pretraining configuration: one typed dataclass per concern, loaded from YAML plus overrides.
+
+``load_config(path, overrides)`` is the one entry: it reads the YAML, applies ``key.sub=value``
+overrides, builds the dataclasses (unknown keys and wrong types rejected, closest key suggested)
+and checks cross-field consistency, all before any process starts work.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from internimage.data import DataConfig
+
+from .configio import ConfigError, apply_override, from_dict, parse_override, to_dict
+
+__all__ = [
+    "CheckpointConfig", "ConfigError", "DeepSpeedSection", "EmaConfig", "EvalConfig", "LoggingConfig",
+    "ModelConfig", "ObjectiveConfig", "OptimConfig", "PretrainConfig", "ScheduleConfig",
+    "TextConfig", "load_config", "save_config",
+]
+
+
+@dataclass
+class ModelConfig:
+    """Which InternImage to build (``internimage.model.create_model`` arguments)."""
+    name: str = "internimage_t"
+    num_classes: int = 21841
+    pretrained: Optional[str] = None
+    drop_path_rate: Optional[float] = None
+    # Architecture keyword overrides for create_model, e.g. channels/depths/groups of a tiny demo.
+    arch: dict = field(default_factory=dict)
+    # Activation checkpointing: true/false for all stages, or one flag per stage.
+    grad_checkpointing: Union[bool, list[bool]] = False
+    checkpoint_every: int = 1
+    # Run DCNv3 through the pure-PyTorch reference instead of the fused kernel (for cross-checks).
+    dcn_reference: bool = False
+
+
+@dataclass
+class TextConfig:
+    """The small text transformer of the contrastive objective (``model/text_tower.py``)."""
+    vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary size
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+
+
+@dataclass
+class ObjectiveConfig:
+    """supervised: soft-target CE; contrastive: CLIP loss; mixed: each sample by its source kind."""
+    kind: Literal["supervised", "contrastive", "mixed"] = "supervised"
+    supervised_weight: float = 1.0
+    contrastive_weight: float = 1.0
+    embed_dim: int = 512
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    gather_features: bool = True  # contrast against the features of every rank, not just this one
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with SPEC §2 layer-wise LR decay and DCN multiplier; lr is per ``base_batch_size``."""
+    lr: float = 1e-3
+    base_batch_size: Optional[int] = 512  # lr scales linearly with global batch / this; None: as is
+    min_lr: float = 1e-6
+    warmup_lr: float = 1e-7
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    layer_decay: float = 1.0
+    dcn_lr_mult: float = 1.0
+    grad_clip: float = 5.0  # 0 disables
+    grad_accum: int = 1
+
+
+@dataclass
+class ScheduleConfig:
+    """Length of training and warm-up, in epochs (of ``data.epoch_samples``) or optimizer steps."""
+    epochs: float = 1.0
+    total_steps: Optional[int] = None  # overrides epochs when set
+    warmup_epochs: float = 0.0
+    warmup_steps: Optional[int] = None  # overrides warmup_epochs when set
+    max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop training
+
+
+@dataclass
+class EmaConfig:
+    """Exponential moving average of fp32 weights, sharded like the ZeRO-3 partitions."""
+    enabled: bool = False
+    decay: float = 0.9999
+    evaluate: bool = True  # also evaluate the EMA weights
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0: only at the end
+    at_end: bool = True
+    max_batches: Optional[int] = None
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+    resume: Optional[str] = "auto"  # "auto": latest in run_dir if any; a path; null: start fresh
+    universal: bool = False  # resume a checkpoint written at another world size
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_tflops: Optional[float] = None  # per device; None: looked up from the device table
+
+
+@dataclass
+class DeepSpeedSection:
+    """What goes into the DeepSpeed config; ``extra`` is merged in last for anything else."""
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    fp16_initial_scale_power: int = 16
+    fp16_loss_scale_window: int = 1000
+    overlap_comm: bool = True
+    stage3_prefetch_bucket_size: Optional[int] = None
+    stage3_param_persistence_threshold: Optional[int] = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class PretrainConfig:
+    run_dir: str = "runs/pretrain"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+    def validate(self) -> "PretrainConfig":
+        """Cross-field checks; raises ConfigError naming the field and the fix."""
+        _check(self.optim.grad_accum >= 1, "optim.grad_accum must be ≥ 1.")
+        _check(self.optim.lr > 0, "optim.lr must be > 0.")
+        _check(0 < self.optim.layer_decay <= 1, "optim.layer_decay must be in (0, 1].")
+        _check(self.optim.dcn_lr_mult > 0, "optim.dcn_lr_mult must be > 0.")
+        _check(self.optim.grad_clip >= 0, "optim.grad_clip must be ≥ 0 (0 disables clipping).")
+        _check(self.schedule.total_steps is None or self.schedule.total_steps > 0,
+               "schedule.total_steps must be > 0 (or null to use schedule.epochs).")
+        _check(self.schedule.epochs > 0, "schedule.epochs must be > 0.")
+        _check(self.schedule.max_nonfinite_steps >= 1, "schedule.max_nonfinite_steps must be ≥ 1.")
+        _check(0 <= self.ema.decay < 1, "ema.decay must be in [0, 1).")
+        _check(self.checkpoint.every_steps >= 0, "checkpoint.every_steps must be ≥ 0 (0: only at the end).")
+        _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be ≥ 1.")
+        _check(self.model.checkpoint_every >= 1, "model.checkpoint_every must be ≥ 1.")
+        if isinstance(self.model.grad_checkpointing, list):
+            _check(len(self.model.grad_checkpointing) == 4,
+                   "model.grad_checkpointing takes true/false or one flag per stage (4 flags).")
+        _check(self.objective.init_temperature > 0, "objective.init_temperature must be > 0.")
+        _check(self.logging.every_steps >= 1, "logging.every_steps must be ≥ 1.")
+        kinds = {s.kind for s in self.data.train_sources}
+        if self.objective.kind == "supervised":
+            _check(kinds <= {"class"}, "objective.kind=supervised needs only kind=class sources "
+                   f"(got {sorted(kinds)}); use objective.kind=mixed for caption sources.")
+        if self.objective.kind == "contrastive":
+            _check(kinds <= {"caption"}, "objective.kind=contrastive needs only kind=caption sources "
+                   f"(got {sorted(kinds)}); use objective.kind=mixed for class sources.")
+        self.data.validate()
+        return self
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> PretrainConfig:
+    """YAML file (or defaults when ``path`` is None) + ``key.sub=value`` overrides → validated config."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"Config file '{path}' does not exist.")
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"Config file '{path}' must hold a mapping at the top level.")
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value, PretrainConfig)
+    return from_dict(PretrainConfig, tree).validate()
+
+
+def config_to_dict(cfg: PretrainConfig) -> dict:
+    return to_dict(cfg)
+
+
+def save_config(cfg: PretrainConfig, path: str) -> None:
+    """Writes the resolved config as YAML (loadable again by ``load_config``)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,123 @@
+"""DeepSpeed set-up: the module to train, its parameter groups and the DeepSpeed config dict."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from internimage.model import create_model, no_weight_decay, param_lr_scales
+from internimage.model.text_tower import TextTransformer
+
+from .config import PretrainConfig
+from .module import PretrainModule
+from .optim import build_optimizer, group_parameters
+
+__all__ = ["build_module", "build_engine", "deepspeed_config", "param_groups", "scaled_lr"]
+
+IMAGE_PREFIX = "image."
+
+
+def build_image_model(cfg: PretrainConfig) -> nn.Module:
+    m = cfg.model
+    model = create_model(m.name, num_classes=m.num_classes, pretrained=m.pretrained,
+                         drop_path_rate=m.drop_path_rate, **m.arch)
+    if m.grad_checkpointing:
+        model.set_grad_checkpointing(m.grad_checkpointing, every=m.checkpoint_every)
+    return model
+
+
+def build_module(cfg: PretrainConfig, vocab_size: int | None = None) -> PretrainModule:
+    """The full trainable module of ``cfg`` (image model, text tower when needed, objective)."""
+    image = build_image_model(cfg)
+    text = None
+    if cfg.objective.kind != "supervised":
+        vocab = cfg.text.vocab_size or vocab_size
+        if not vocab:
+            raise ValueError("the contrastive objective needs text.vocab_size or a tokenizer")
+        text = TextTransformer(vocab, cfg.data.context_length, cfg.text.width, cfg.text.layers,
+                               cfg.text.heads, cfg.objective.embed_dim)
+    o = cfg.objective
+    return PretrainModule(image, o.kind, text, o.embed_dim, o.init_temperature, o.max_logit_scale,
+                          o.supervised_weight, o.contrastive_weight, o.gather_features)
+
+
+def param_groups(module: PretrainModule, weight_decay: float, layer_decay: float,
+                 dcn_lr_mult: float) -> list[dict]:
+    """AdamW groups: SPEC §2 LR scales for the image model (1.0 elsewhere); no decay on 1-D,
+    biases and what the model exempts; no decay on the temperature."""
+    image_scales = param_lr_scales(module.image, layer_decay, dcn_lr_mult)
+    scales = {IMAGE_PREFIX + name: s for name, s in image_scales.items()}
+
+    def exempt(name: str, param: torch.Tensor) -> bool:
+        if name.startswith(IMAGE_PREFIX):
+            return no_weight_decay(name[len(IMAGE_PREFIX):], param)
+        return param.ndim <= 1 or name.endswith(".bias")
+
+    return group_parameters(module.named_parameters(), weight_decay, scales, exempt)
+
+
+def scaled_lr(cfg: PretrainConfig, world_size: int) -> float:
+    """Peak LR: ``optim.lr`` × global batch / ``optim.base_batch_size`` (linear scaling rule)."""
+    if cfg.optim.base_batch_size is None:
+        return cfg.optim.lr
+    global_batch = cfg.data.batch_size * cfg.optim.grad_accum * world_size
+    return cfg.optim.lr * global_batch / cfg.optim.base_batch_size
+
+
+def deepspeed_config(cfg: PretrainConfig, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON config of ``cfg`` (precision, ZeRO stage, accumulation, clipping)."""
+    d = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": d.zero_stage}
+    if d.zero_stage >= 2:
+        zero.update(overlap_comm=d.overlap_comm, contiguous_gradients=True)
+    if d.zero_stage == 3:
+        if d.stage3_prefetch_bucket_size is not None:
+            zero["stage3_prefetch_bucket_size"] = d.stage3_prefetch_bucket_size
+        if d.stage3_param_persistence_threshold is not None:
+            zero["stage3_param_persistence_threshold"] = d.stage3_param_persistence_threshold
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if cfg.optim.grad_clip > 0:
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+    if d.precision != "fp32":
+        # Buffers (BatchNorm running statistics of the conv head) must match the low-precision
+        # parameters, or batch_norm rejects the mixed dtypes.
+        ds["data_types"] = {"buffer_dtype": d.precision}
+    if d.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif d.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": d.fp16_initial_scale_power,
+                      "loss_scale_window": d.fp16_loss_scale_window, "hysteresis": 2,
+                      "min_loss_scale": 1}
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
+    return _merge(ds, d.extra)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def build_engine(cfg: PretrainConfig, module: PretrainModule, world_size: int,
+                 load_universal: bool = False):
+    """``deepspeed.initialize`` on ``module`` with our AdamW groups; returns (engine, optimizer)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    groups = param_groups(module, cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.optim.dcn_lr_mult)
+    device_type = "cuda" if get_accelerator().device_name() == "cuda" else "cpu"
+    optimizer = build_optimizer(groups, tuple(cfg.optim.betas), cfg.optim.eps, device_type)
+    engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                                   config=deepspeed_config(cfg, load_universal))
+    return engine, optimizer

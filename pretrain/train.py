@@ -1,0 +1,393 @@
+"""Per-rank pretraining entry: ``python -m internimage.pretrain.train [CONFIG] [key=value ...]``.
+
+Started once per rank by the ``deepspeed`` launcher (``launch/pretrain.sh``). Flow: config (fails
+before any collective) → distributed init → resume point → module + DeepSpeed engine → loaders →
+loop of optimizer steps with schedule, EMA, metrics, periodic eval and checkpoints → final
+checkpoint and evaluation. SIGTERM/SIGUSR1 on any rank makes all ranks checkpoint and exit 0.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from internimage.ops import use_reference
+from internimage.data import (SKIP_REASONS, DeviceTransform, Tokenizer, build_eval_loader,
+                              build_train_loader)
+
+from .checkpoint import (checkpoint_root, load_checkpoint, prepare_universal, rank_files,
+                         resolve_resume, save_checkpoint)
+from .config import ConfigError, PretrainConfig, load_config, save_config
+from .configio import to_dict
+from .ema import ShardedEMA, assemble_full_ema
+from .engine import build_engine, build_module, scaled_lr
+from .metrics import (MetricsWriter, ProgressLine, device_peak_tflops, peak_memory_gib,
+                      train_tflops_per_image)
+from .optim import cosine_lr, set_lr
+
+__all__ = ["main", "parse_cli", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG.yaml] [key=value ...]`` (a ``--local_rank`` from the launcher is ignored)."""
+    config, overrides = None, []
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        if arg.startswith("--local_rank"):
+            skip_next = arg == "--local_rank"
+            continue
+        if "=" in arg:
+            overrides.append(arg)
+        elif config is None:
+            config = arg
+        else:
+            raise ConfigError(f"Unexpected argument '{arg}': give one config file, then key=value "
+                              "overrides.")
+    return config, overrides
+
+
+@dataclass
+class Progress:
+    """What the checkpoint must carry to continue the loop exactly."""
+    step: int = 0  # optimizer steps done
+    samples: int = 0  # images consumed over all ranks (finite micro-batches only)
+    skipped_steps: int = 0  # micro-batches dropped for a non-finite loss
+    nonfinite_streak: int = 0
+
+
+class _Preemption:
+    """Records SIGTERM/SIGUSR1; ranks agree on it at each step boundary (all_reduce MAX)."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def agreed(self) -> bool:
+        value = torch.tensor([1.0 if self.flag else 0.0])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+
+def _device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+    return torch.device(get_accelerator().current_device_name())
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "device_generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["device_generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _precision_dtype(cfg: PretrainConfig) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
+
+
+class Trainer:
+    """One rank's training run of ``cfg``; ``run()`` returns the process exit code."""
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.device = _device()
+        self.dtype = _precision_dtype(cfg)
+        self.progress = Progress()
+        self.preemption = _Preemption()
+        self.root = checkpoint_root(cfg.run_dir)
+        if self.is_main:
+            os.makedirs(self.root, exist_ok=True)
+            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        dist.barrier()
+
+        point = resolve_resume(cfg.checkpoint.resume, cfg.run_dir)
+        resharding = point is not None and (point.world_size != self.world or cfg.checkpoint.universal)
+        _seed_everything(cfg.seed)
+        tokenizer = Tokenizer(cfg.data.context_length, cfg.data.tokenizer) \
+            if cfg.objective.kind != "supervised" else None
+        module = build_module(cfg, tokenizer.vocab_size if tokenizer else None)
+        self.macs_per_image = self._model_report(module.image)
+        self.engine, self.optimizer = build_engine(cfg, module, self.world, load_universal=resharding)
+        self.ema = ShardedEMA(self.engine.module, cfg.ema.decay) if cfg.ema.enabled else None
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.seed * 1000 + self.rank)
+        loader_state = self._resume(point, resharding) if point is not None else None
+        self.loader = build_train_loader(cfg.data, self.rank, self.world, state=loader_state)
+        self.transform = DeviceTransform(cfg.data, cfg.model.num_classes)
+        self.eval_transform = DeviceTransform(cfg.data, cfg.model.num_classes, eval=True)
+        self.steps_per_epoch = max(1, self.loader.steps_per_epoch // cfg.optim.grad_accum)
+        self.total_steps = cfg.schedule.total_steps or max(1, math.ceil(cfg.schedule.epochs *
+                                                                        self.steps_per_epoch))
+        self.warmup_steps = cfg.schedule.warmup_steps if cfg.schedule.warmup_steps is not None \
+            else round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
+        self.peak_lr = scaled_lr(cfg, self.world)
+        self.metrics = MetricsWriter(cfg.run_dir, self.is_main, cfg.logging.tensorboard)
+        self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
+
+    # -- set-up helpers ----------------------------------------------------------------------
+    def _model_report(self, image_model) -> int | None:
+        """fvcore FLOP/parameter report (rank 0, saved as JSON); returns MACs per image."""
+        if not self.is_main:
+            return None
+        from internimage.model import model_report
+        report = model_report(image_model, self.cfg.data.img_size)
+        with open(os.path.join(self.cfg.run_dir, "model_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"model {self.cfg.model.name}: {report['params'] / 1e6:.2f}M parameters, "
+              f"{report['flops'] / 1e9:.3f} GMACs/image at {self.cfg.data.img_size}px", flush=True)
+        return int(report["flops"])
+
+    def _resume(self, point, resharding: bool) -> dict:
+        universal_tag = prepare_universal(point) if resharding else None
+        rank_state = load_checkpoint(self.engine, point, universal_tag)
+        state = point.state
+        self.progress = Progress(state["step"], state["samples"], state["skipped_steps"],
+                                 state["nonfinite_streak"])
+        if not resharding:
+            _set_rng_state(rank_state["rng"], self.generator)
+        if self.ema is not None:
+            if rank_state.get("ema") is None:
+                raise ConfigError(f"ema.enabled is true but checkpoint {point.tag_dir} holds no EMA; "
+                                  "set ema.enabled=false or start a new run_dir.")
+            if resharding:
+                full, updates = assemble_full_ema(rank_files(point))
+                self.ema.load_resharded(full, updates)
+            else:
+                self.ema.load_state_dict(rank_state["ema"])
+        if self.is_main:
+            print(f"resumed from {point.tag_dir} at step {self.progress.step}"
+                  + (f" (world size {point.world_size} → {self.world}, universal)" if resharding else ""),
+                  flush=True)
+        return rank_state["loader"]
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _device_batch(self, batch: dict) -> dict:
+        on_device = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return self.transform(on_device, generator=self.generator)
+
+    def _forward(self, batch: dict) -> dict:
+        with use_reference(self.cfg.model.dcn_reference):
+            return self.engine(image=batch["image"].to(self.dtype), target=batch["target"],
+                               label=batch["label"], text=batch["text"])
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.tensor([1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    def _optimizer_step(self, batches) -> tuple[dict, float]:
+        """One optimizer step over ``grad_accum`` finite micro-batches; returns (losses, data wait s)."""
+        set_lr(self.optimizer, cosine_lr(self.progress.step, self.total_steps, self.warmup_steps,
+                                         self.peak_lr, self.cfg.optim.min_lr, self.cfg.optim.warmup_lr))
+        sums: dict[str, float] = {}
+        wait, done = 0.0, 0
+        while done < self.cfg.optim.grad_accum:
+            t0 = time.perf_counter()
+            batch = self._device_batch(next(batches))
+            wait += time.perf_counter() - t0
+            out = self._forward(batch)
+            if not self._all_finite(out["loss"]):
+                self._count_nonfinite()
+                continue
+            self.progress.nonfinite_streak = 0
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            done += 1
+            for key in ("loss", "supervised", "contrastive", "logit_scale"):
+                if key in out:
+                    sums[key] = sums.get(key, 0.0) + float(out[key].detach()) / self.cfg.optim.grad_accum
+        self.progress.step += 1
+        self.progress.samples += self.cfg.data.batch_size * self.cfg.optim.grad_accum * self.world
+        if self.ema is not None:
+            self.ema.update()
+        return sums, wait
+
+    def _count_nonfinite(self) -> None:
+        self.progress.skipped_steps += 1
+        self.progress.nonfinite_streak += 1
+        if self.is_main:
+            print(f"non-finite loss at step {self.progress.step}: micro-batch skipped "
+                  f"({self.progress.nonfinite_streak} in a row)", flush=True)
+        if self.progress.nonfinite_streak >= self.cfg.schedule.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.progress.nonfinite_streak} consecutive non-finite losses ending at step "
+                f"{self.progress.step}; lower optim.lr, raise warm-up, or check the data.")
+
+    def run(self) -> int:
+        cfg = self.cfg
+        progress_line = ProgressLine(self.total_steps, self.progress.step,
+                                     self.is_main and cfg.logging.progress_bar)
+        batches = iter(self.loader)
+        self.engine.train()
+        window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
+        saved_at = None
+        while self.progress.step < self.total_steps:
+            if self.preemption.agreed():
+                self.save()
+                if self.is_main:
+                    print(f"preempted: checkpoint saved at step {self.progress.step}, exiting", flush=True)
+                self.metrics.close()
+                return 0
+            losses, wait = self._optimizer_step(batches)
+            window["wait"] += wait
+            window["steps"] += 1
+            step = self.progress.step
+            if step % cfg.logging.every_steps == 0 or step == self.total_steps:
+                self._log(losses, window, progress_line)
+                window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < self.total_steps:
+                self.evaluate()
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                self.save()
+                saved_at = step
+        progress_line.close()
+        if saved_at != self.progress.step:
+            self.save()
+        if cfg.eval.at_end:
+            self.evaluate()
+        self.metrics.close()
+        return 0
+
+    # -- observability -----------------------------------------------------------------------
+    def _log(self, losses: dict, window: dict, progress_line: ProgressLine) -> None:
+        elapsed = time.perf_counter() - window["t0"]
+        images = window["steps"] * self.cfg.data.batch_size * self.cfg.optim.grad_accum * self.world
+        skips = torch.tensor([float(v) for v in
+                              (self.loader.skip_counts().get(r, 0) for r in SKIP_REASONS)])
+        dist.all_reduce(skips)
+        grad_norm = self.engine.get_global_grad_norm()
+        per_device = images / elapsed / self.world if elapsed > 0 else 0.0
+        scalars = {
+            **{f"loss/{k}" if k != "logit_scale" else k: v for k, v in losses.items()},
+            "lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1.0),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "images_per_s": images / elapsed if elapsed > 0 else 0.0,
+            "images_per_s_per_device": per_device,
+            "data_wait_fraction": window["wait"] / elapsed if elapsed > 0 else 0.0,
+            "peak_memory_gib": peak_memory_gib(),
+            "samples_seen": self.progress.samples,
+            "skipped_steps": self.progress.skipped_steps,
+            **{f"skipped_samples/{r}": int(v) for r, v in zip(SKIP_REASONS, skips.tolist())},
+        }
+        if self.macs_per_image:
+            tflops = per_device * train_tflops_per_image(self.macs_per_image)
+            scalars["tflops_per_device"] = tflops
+            if self.peak_tflops:
+                scalars["mfu"] = tflops / self.peak_tflops
+        self.metrics.write(self.progress.step, scalars)
+        progress_line.update(self.progress.step, {
+            "loss": losses.get("loss"), "lr": scalars["lr"], "img/s": scalars["images_per_s"],
+            "mfu": scalars.get("mfu")})
+
+    # -- evaluation and checkpoints ------------------------------------------------------------
+    @torch.no_grad()
+    def _accuracy(self) -> dict[str, float]:
+        self.engine.eval()
+        counts = torch.zeros(3)  # correct top-1, correct top-5, valid samples
+        for i, batch in enumerate(build_eval_loader(self.cfg.data, self.rank, self.world)):
+            if self.cfg.eval.max_batches is not None and i >= self.cfg.eval.max_batches:
+                break
+            batch = self.eval_transform({k: v.to(self.device) for k, v in batch.items()})
+            with use_reference(self.cfg.model.dcn_reference):
+                logits = self.engine(image=batch["image"].to(self.dtype), evaluate=True)["logits"]
+            logits = logits.float()
+            valid = batch["valid"] & (batch["label"] >= 0)
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top == batch["label"][:, None]
+            counts += torch.tensor([float((hit[:, 0] & valid).sum()), float((hit.any(1) & valid).sum()),
+                                    float(valid.sum())])
+        dist.all_reduce(counts)
+        self.engine.train()
+        total = max(1.0, counts[2].item())
+        return {"top1": counts[0].item() / total, "top5": counts[1].item() / total,
+                "samples": int(counts[2].item())}
+
+    def evaluate(self) -> dict:
+        """Top-1/top-5 on the validation shards (and of the EMA weights); rank 0 logs them."""
+        if self.cfg.objective.kind == "contrastive" or not self.cfg.data.val_shards:
+            return {}
+        result = self._accuracy()
+        if self.ema is not None and self.cfg.ema.evaluate:
+            with self.ema.swapped_in():
+                result.update({f"ema_{k}": v for k, v in self._accuracy().items()})
+        self.metrics.write(self.progress.step, result, kind="eval")
+        if self.is_main:
+            shown = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                             for k, v in result.items())
+            print(f"eval step {self.progress.step}: {shown}", flush=True)
+        return result
+
+    def save(self) -> None:
+        trainer_state = {
+            "step": self.progress.step, "samples": self.progress.samples,
+            "skipped_steps": self.progress.skipped_steps,
+            "nonfinite_streak": self.progress.nonfinite_streak, "world_size": self.world,
+            "total_steps": self.total_steps, "ema": self.ema is not None,
+            "config": to_dict(self.cfg),
+        }
+        rank_state = {"loader": self.loader.state_dict(), "rng": _rng_state(self.generator),
+                      "ema": self.ema.state_dict() if self.ema is not None else None}
+        save_checkpoint(self.engine, self.root, self.progress.step, trainer_state, rank_state,
+                        self.cfg.checkpoint.keep_last)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(config_path, overrides)
+    except (ConfigError, ValueError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    backend = "nccl" if get_accelerator().device_name() == "cuda" else "gloo"
+    if backend == "nccl":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=backend)
+    try:
+        return Trainer(cfg).run()
+    except NonFiniteLossError as exc:
+        print(f"rank {dist.get_rank()}: {exc}", file=sys.stderr, flush=True)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
