@@ -10,13 +10,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import tarfile
 import zlib
 from dataclasses import dataclass
 from typing import IO, Iterator
-
-import braceexpand
 
 from .faults import OPEN_FAILED, TRUNCATED_TAR, SkipCounter
 
@@ -26,13 +25,39 @@ KEPT_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + TEXT_EXTENSIONS)
 INDEX_SUFFIX = "-index.json"
 
 
+_BRACES = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"(\d+)\.\.(\d+)")
+
+
+def brace_expand(pattern: str) -> list[str]:
+    """``d-{000..002}-{a,b}`` -> d-000-a, d-000-b, d-001-a, ... (left to right, no nesting).
+
+    A numeric range keeps the zero padding of its bounds; a comma list gives each item.
+    """
+    match = _BRACES.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    numbers = _RANGE.fullmatch(body)
+    if numbers:
+        low, high = numbers.groups()
+        if int(low) > int(high):
+            raise ValueError(f"brace range {{{body}}} in {pattern!r} runs backwards")
+        width = max(len(low), len(high)) if low.startswith("0") or high.startswith("0") else 0
+        items = [f"{value:0{width}d}" for value in range(int(low), int(high) + 1)]
+    else:
+        items = body.split(",")
+    head, tail = pattern[: match.start()], pattern[match.end():]
+    return [head + item + rest for item in items for rest in brace_expand(tail)]
+
+
 def expand_shards(pattern: str) -> list[str]:
-    """Expand ``a-{000..003}.tar::b.tar`` into the list of shard URLs, in order."""
+    """Expand ``a-{000000..000003}.tar::b.tar`` into the list of shard URLs, in order."""
     urls: list[str] = []
     for part in pattern.split("::"):
         part = part.strip()
         if part:
-            urls.extend(braceexpand.braceexpand(part))
+            urls.extend(brace_expand(part))
     return urls
 
 

@@ -5,14 +5,16 @@ happen later on the device (see ``device.py``), so the workers only move bytes. 
 from a ``numpy.random.Generator`` the caller seeds, which makes each sample reproducible.
 
 Speed: the crop is chosen from the image header first, then the JPEG decoder is asked for the
-smallest DCT scale (1/2, 1/4, 1/8) that still covers the crop at the output size, and crop+resize
-is one bicubic ``resize(box=...)`` call.
+smallest DCT scale (1/2, 1/4, 1/8) that still covers the crop at the output size, and the crop is
+resized by torch's vectorised uint8 bicubic kernel rather than PIL's.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from .config import DataConfig
@@ -57,10 +59,12 @@ def centre_crop_box(width: int, height: int, size: int, crop_ratio: float) -> Bo
     return (width - side) / 2.0, (height - side) / 2.0, side, side
 
 
-def decode_crop_resize(data: bytes, box_fn, size: int) -> Image.Image:
-    """Decode only as much as needed for ``box_fn(width, height)`` and resize it to size x size.
+def decode_crop_resize(data: bytes, box_fn, size: int) -> np.ndarray:
+    """Decode only as much as needed for ``box_fn(width, height)``; uint8 (size, size, 3).
 
-    ``box_fn`` picks the crop from the header size, before decoding.
+    ``box_fn`` picks the crop from the header size, before decoding. The crop is resized with
+    torch's uint8 antialiased bicubic kernel (channels-last), which matches PIL's bicubic to
+    within one grey level and is several times faster than ``Image.resize``.
     """
     image = open_image(data)
     width, height = image.size
@@ -68,11 +72,17 @@ def decode_crop_resize(data: bytes, box_fn, size: int) -> Image.Image:
     if image.format == "JPEG":
         # Ask for the full image at a size where the crop still covers size x size pixels.
         image.draft("RGB", (math.ceil(width * size / crop_w), math.ceil(height * size / crop_h)))
-    sx, sy = image.size[0] / width, image.size[1] / height
     if image.mode != "RGB":
         image = image.convert("RGB")
-    box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
-    return image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    sx, sy = image.width / width, image.height / height
+    x0, y0 = min(int(round(left * sx)), image.width - 1), min(int(round(top * sy)), image.height - 1)
+    x1 = max(x0 + 1, min(int(round((left + crop_w) * sx)), image.width))
+    y1 = max(y0 + 1, min(int(round((top + crop_h) * sy)), image.height))
+    pixels = torch.from_numpy(np.array(image))  # (H, W, 3): NCHW below is channels-last
+    region = pixels.permute(2, 0, 1)[None, :, y0:y1, x0:x1]
+    resized = F.interpolate(region, size=(size, size), mode="bicubic", antialias=True,
+                            align_corners=False)
+    return resized[0].permute(1, 2, 0).numpy()
 
 
 def train_transform(data: bytes, cfg: DataConfig, rng: np.random.Generator) -> np.ndarray:
@@ -81,16 +91,17 @@ def train_transform(data: bytes, cfg: DataConfig, rng: np.random.Generator) -> n
     Returns uint8 (size, size, 3).
     """
     scale, ratio = tuple(cfg.crop_scale), tuple(cfg.crop_ratio)
-    image = decode_crop_resize(
+    pixels = decode_crop_resize(
         data, lambda w, h: random_resized_crop_box(w, h, scale, ratio, rng), cfg.img_size)
     if rng.random() < cfg.hflip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = pixels[:, ::-1]
     if cfg.randaugment:
-        image = rand_augment(image, cfg.randaugment_layers, cfg.randaugment_magnitude,
-                             cfg.randaugment_mstd, rng)
+        pixels = np.asarray(rand_augment(Image.fromarray(np.ascontiguousarray(pixels)),
+                                         cfg.randaugment_layers, cfg.randaugment_magnitude,
+                                         cfg.randaugment_mstd, rng))
     elif cfg.color_jitter > 0:
-        image = color_jitter(image, cfg.color_jitter, rng)
-    pixels = np.asarray(image, dtype=np.uint8)
+        pixels = np.asarray(color_jitter(Image.fromarray(np.ascontiguousarray(pixels)),
+                                         cfg.color_jitter, rng))
     if rng.random() < cfg.reprob:
         pixels = random_erase(pixels, rng)
     return pixels
@@ -98,8 +109,7 @@ def train_transform(data: bytes, cfg: DataConfig, rng: np.random.Generator) -> n
 
 def eval_transform(data: bytes, size: int, crop_ratio: float) -> np.ndarray:
     """Resize short side to size / crop_ratio and centre-crop size x size; uint8 (size, size, 3)."""
-    image = decode_crop_resize(data, lambda w, h: centre_crop_box(w, h, size, crop_ratio), size)
-    return np.asarray(image, dtype=np.uint8)
+    return decode_crop_resize(data, lambda w, h: centre_crop_box(w, h, size, crop_ratio), size)
 
 
 def color_jitter(image: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:

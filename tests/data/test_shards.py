@@ -100,6 +100,13 @@ def test_only_image_text_class_and_json_members_are_kept(tmp_path):
     assert set(sample.members) == {"jpg", "cls", "json"}
 
 
+@pytest.mark.parametrize("pattern", ["d/a-{000000..000011}.tar", "x{1..12}y", "{a,b,c}-{09..11}",
+                                     "plain.tar", "p-{0..3}/{x,y}.tar"])
+def test_brace_expansion_agrees_with_the_braceexpand_package(pattern):
+    braceexpand = pytest.importorskip("braceexpand")
+    assert expand_shards(pattern) == list(braceexpand.braceexpand(pattern))
+
+
 def test_brace_patterns_and_member_names():
     assert expand_shards("/d/a-{000..002}.tar::/e/b.tar") == [
         "/d/a-000.tar", "/d/a-001.tar", "/d/a-002.tar", "/e/b.tar"]

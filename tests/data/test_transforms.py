@@ -50,7 +50,7 @@ def test_eval_transform_matches_resize_then_centre_crop(fmt):
     assert ours.shape == (96, 96, 3) and ours.dtype == np.uint8
     # One resampling of the same region; for JPEG the decoder also works at a reduced DCT scale.
     error = np.abs(ours.astype(int) - reference)
-    assert error.max() <= 1 if fmt == "PNG" else error.mean() < 1.5
+    assert error.mean() < (0.1 if fmt == "PNG" else 1.5) and error.max() <= 3
 
 
 def test_crop_of_the_whole_image_equals_a_plain_resize():
