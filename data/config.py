@@ -51,7 +51,9 @@ class DataConfig:
     img_size: int = 224
     batch_size: int = 64
     workers: int = 2
-    shuffle_buffer: int = 2000
+    # Samples per shuffle chunk, per source and worker; memory is about
+    # shuffle_buffer x mean sample bytes x sources x workers.
+    shuffle_buffer: int = 1000
     seed: int = 0
     epoch_samples: int = 0
     # RandomResizedCrop: area fraction and aspect-ratio range of the crop.
@@ -75,6 +77,8 @@ class DataConfig:
     eval_crop_ratio: float = 0.875
     context_length: int = 77
     tokenizer: str | None = None
+    # Pin batches in page-locked memory for asynchronous host-to-GPU copies.
+    pin_memory: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and how to fix it."""

@@ -59,7 +59,7 @@ def epoch_samples(cfg: DataConfig, sources: list[SourceShards]) -> int:
 class TrainLoader:
     """Endless iterator of training batches for one rank (see the module docstring for state).
 
-    Batches: ``image`` uint8 (B, 3, S, S); ``label`` int64 (B,) (-1: no class); ``text`` int64
+    Batches: ``image`` uint8 (B, 3, S, S) stored channels-last; ``label`` int64 (B,) (-1: no class); ``text`` int64
     (B, context_length) (all 0: no caption); ``source`` int64 (B,) index into train_sources.
     """
 
@@ -121,7 +121,7 @@ class TrainLoader:
                               list(self.slot_states))
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
                             prefetch_factor=2 if self.cfg.workers else None,
-                            persistent_workers=False)
+                            pin_memory=self.cfg.pin_memory, persistent_workers=False)
         self._loader_iter = iter(loader)
         for batch in self._loader_iter:
             state = batch.pop(STATE_KEY)

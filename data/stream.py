@@ -144,7 +144,9 @@ class SlotBuilder:
             images[filled], labels[filled], captions[filled] = decoded
             sources[filled] = index
             filled += 1
-        return {"image": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+        # (B, 3, S, S) in channels-last memory: no transposing copy on the CPU; the device
+        # side and the network's channels-last layout take it as it is.
+        return {"image": torch.from_numpy(images).permute(0, 3, 1, 2),
                 "label": torch.from_numpy(labels),
                 "text": self.tokenizer.encode_batch(captions),
                 "source": torch.from_numpy(sources)}

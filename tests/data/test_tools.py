@@ -104,3 +104,16 @@ def test_write_shards_rejects_a_bad_class_list_line(tmp_path):
     (tmp_path / "list.tsv").write_text("a.jpg\tseven\n")
     with pytest.raises(ValueError, match=r"list.tsv:1: class must be an integer"):
         write_shards(["--list", str(tmp_path / "list.tsv"), "--out", str(tmp_path / "out")])
+
+
+def test_bench_reports_every_measurement(tmp_path):
+    from internimage.data.bench import main as bench
+
+    path = tmp_path / "bench.json"
+    result = bench(["--workers", "1", "--images", "4", "--img-size", "32", "--batch-size", "4",
+                    "--seconds", "0.2", "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    for key in ("baseline", "baseline_cpu_normalise", "loader_1core", "loader_1core_randaugment"):
+        assert result[key] > 0, key
+    assert result["loader_workers"]["workers"] == 1 and result["loader_workers"]["total"] > 0
+    assert result["images"]["mean_kib"] > 1
