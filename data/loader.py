@@ -59,6 +59,10 @@ def epoch_samples(cfg: DataConfig, sources: list[SourceShards]) -> int:
 class TrainLoader:
     """Endless iterator of training batches for one rank (see the module docstring for state).
 
+    ``iter(loader)`` is the loader itself, so a ``for`` loop that breaks after
+    ``steps_per_epoch`` batches and a later ``for`` loop continue one stream with the same
+    worker processes.
+
     Batches: ``image`` uint8 (B, 3, S, S) stored channels-last; ``label`` int64 (B,) (-1: no class); ``text`` int64
     (B, context_length) (all 0: no caption); ``source`` int64 (B,) index into train_sources.
     """
@@ -115,19 +119,26 @@ class TrainLoader:
                 totals[reason] = totals.get(reason, 0) + count
         return totals
 
-    def __iter__(self):
-        self._loader_iter = None  # shut down workers of a previous iteration first
-        dataset = TrainStream(self.cfg, self.sources, self.layout, self.batches,
-                              list(self.slot_states))
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
-                            prefetch_factor=2 if self.cfg.workers else None,
-                            pin_memory=self.cfg.pin_memory, persistent_workers=False)
-        self._loader_iter = iter(loader)
-        for batch in self._loader_iter:
-            state = batch.pop(STATE_KEY)
-            self.slot_states[self.batches % self.layout.slots] = state
-            self.batches += 1
-            yield batch
+    def __iter__(self) -> "TrainLoader":
+        return self
+
+    def __next__(self) -> dict:
+        """The next batch; worker processes start on the first call and then stay up."""
+        if self._loader_iter is None:
+            dataset = TrainStream(self.cfg, self.sources, self.layout, self.batches,
+                                  list(self.slot_states))
+            loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
+                                prefetch_factor=2 if self.cfg.workers else None,
+                                pin_memory=self.cfg.pin_memory)
+            self._loader_iter = iter(loader)
+        batch = next(self._loader_iter)
+        self.slot_states[self.batches % self.layout.slots] = batch.pop(STATE_KEY)
+        self.batches += 1
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop when the loader is garbage-collected)."""
+        self._loader_iter = None
 
 
 def build_train_loader(cfg: DataConfig, rank: int, world_size: int,

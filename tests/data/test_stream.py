@@ -136,3 +136,12 @@ def test_epochs_differ_and_every_epoch_visits_all_shards(eight_shards):
     second = torch.cat([b["label"] for b in batches[8:]])
     assert sorted(first.tolist()) == sorted(second.tolist()) == sorted(list(range(8)) * 6)
     assert not torch.equal(first, second)
+
+
+def test_a_second_for_loop_continues_the_same_stream(eight_shards):
+    cfg = small_config([SourceConfig("in22k", eight_shards)], workers=1)
+    loader = build_train_loader(cfg, 0, 1)
+    pieces = take(loader, 2) + take(loader, 2)
+    straight = take(build_train_loader(cfg, 0, 1), 4)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(pieces, straight))
+    assert loader.batches == 4
