@@ -182,11 +182,3 @@ def build_eval_loader(cfg: DataConfig, rank: int, world_size: int) -> EvalLoader
     """Evaluation loader of one rank: every val sample once over all ranks, equal batch counts."""
     return EvalLoader(cfg, rank, world_size)
 
-
-def loader_debug_summary(loader: TrainLoader) -> str:
-    """One line for logs: sources, shards and epoch length."""
-    parts = [f"{s.name}:{len(s.urls)} shards" for s in loader.sources]
-    return (f"{', '.join(parts)}; epoch {loader.epoch_samples} samples = "
-            f"{loader.steps_per_epoch} steps of {loader.cfg.batch_size} x "
-            f"{loader.layout.world_size} ranks")
-
