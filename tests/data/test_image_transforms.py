@@ -141,3 +141,44 @@ def test_randaugment_operations_at_level_zero_are_identities_where_they_should_b
 def test_randaugment_with_no_layers_changes_nothing():
     image = Image.open(io.BytesIO(photo(width=32, height=32)))
     assert rand_augment(image, 0, 9, 0.5, np.random.default_rng(0)) is image
+
+
+@pytest.mark.parametrize("width,height,want", [(500, 375, None), (1600, 1200, (400, 300)),
+                                               (1600, 1200, (150, 150)), (333, 207, (40, 30))])
+def test_simplejpeg_and_pil_decode_identical_pixels(monkeypatch, width, height, want):
+    pytest.importorskip("simplejpeg")
+    from internimage.data import decode
+
+    data = photo(width=width, height=height)
+    monkeypatch.setattr(decode, "USE_SIMPLEJPEG", True)
+    fast = decode.EncodedImage(data).decode_rgb(want)
+    monkeypatch.setattr(decode, "USE_SIMPLEJPEG", False)
+    plain = decode.EncodedImage(data).decode_rgb(want)
+    assert fast.shape == plain.shape
+    assert np.array_equal(fast, plain)
+
+
+def test_grey_and_png_images_decode_to_rgb():
+    from internimage.data.decode import EncodedImage
+
+    for fmt in ("JPEG", "PNG"):
+        buffer = io.BytesIO()
+        Image.new("L", (30, 20), 77).save(buffer, format=fmt)
+        pixels = EncodedImage(buffer.getvalue()).decode_rgb()
+        assert pixels.shape == (20, 30, 3) and abs(int(pixels.mean()) - 77) <= 1
+
+
+@pytest.mark.parametrize("name,index", [("TranslateXRel", 0), ("TranslateYRel", 1)])
+def test_translations_match_pil_affine_at_whole_pixels(name, index):
+    from internimage.data import randaugment
+
+    image = Image.open(io.BytesIO(photo(width=40, height=30, fmt="PNG"))).convert("RGB")
+    for level in (2.0, 7.0, 10.0):
+        rng = np.random.default_rng(int(level))
+        ours = np.asarray(OPERATIONS[name](image, level, rng))
+        rng = np.random.default_rng(int(level))
+        shift = randaugment._signed(level, 0.45, rng) * image.size[index]
+        matrix = (1, 0, round(shift), 0, 1, 0) if index == 0 else (1, 0, 0, 0, 1, round(shift))
+        expected = image.transform(image.size, Image.Transform.AFFINE, matrix,
+                                   resample=Image.Resampling.NEAREST, fillcolor=randaugment.FILL)
+        assert np.array_equal(ours, np.asarray(expected)), (name, level)
