@@ -22,6 +22,9 @@ from internimage.ops import OP_NAME
 from .factory import create_model, list_models
 
 DCNV3_MACS_PER_POINT = 5  # 4 bilinear corners + the mask weight, per output channel and point
+# Once a DeepSpeed ZeRO-3 engine exists in the process, F.linear stays replaced by this autograd
+# Function (DeepSpeed's memory-efficient linear); count it as the linear it is.
+ZERO3_LINEAR_OP = "prim::PythonOp.LinearFunctionForZeroStage3"
 
 # SPEC §1: resolution, published multiply-adds (rounded), multiply-adds counted layer by layer, params.
 PUBLISHED = {
@@ -63,12 +66,14 @@ def model_report(model: nn.Module, img_size: int) -> dict:
     ``unsupported_ops`` (op → count that fvcore skipped, elementwise ops mostly).
     """
     from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import linear_flop_jit
 
     device = next(model.parameters()).device
     image = torch.zeros(1, 3, img_size, img_size, device=device)
     was_training = model.training
     model.eval()
-    analysis = FlopCountAnalysis(model, image).set_op_handle(OP_NAME, dcnv3_flop_handle)
+    analysis = FlopCountAnalysis(model, image).set_op_handle(OP_NAME, dcnv3_flop_handle,
+                                                             ZERO3_LINEAR_OP, linear_flop_jit)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     by_module = analysis.by_module()

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from internimage.model import DCNv3, model_report
+from internimage.model import DCNv3, create_model, model_report
 from internimage.model.report import main, report_for, zero_stride_weights
 
 from conftest import PARAMETERS
@@ -52,3 +52,12 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert "stage 2" in out and "29,918,424" in out
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["model"] == "internimage_t" and saved["img_size"] == 64 and saved["params"] == 29_918_424
+
+
+def test_flops_are_the_same_after_deepspeed_zero3_replaced_f_linear(monkeypatch):
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap  # what a ZeRO-3 engine leaves behind
+
+    model = create_model("internimage_t", num_classes=10, depths=(1, 1, 2, 1))
+    plain = model_report(model, 64)["flops"]
+    monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
+    assert model_report(model, 64)["flops"] == plain
