@@ -55,13 +55,15 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fault_point(name: str) -> None:
-    """Fault injection for the crash-during-save test: INTERNIMAGE_FAULT=<name>:<rank> exits hard."""
+def _fault_point(name: str, tag: str) -> None:
+    """Fault injection for the crash-during-save test: ``INTERNIMAGE_FAULT=<name>:<tag>:<rank>``
+    makes that rank exit at once, as a kill would, at that point of saving that checkpoint."""
     spec = os.environ.get("INTERNIMAGE_FAULT", "")
-    if spec and spec.split(":")[0] == name:
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        if len(spec.split(":")) == 1 or int(spec.split(":")[1]) == rank:
-            os._exit(17)
+    if not spec:
+        return
+    fault_name, fault_tag, fault_rank = (spec.split(":") + ["", ""])[:3]
+    if fault_name == name and fault_tag in ("", tag) and fault_rank in ("", str(dist.get_rank())):
+        os._exit(17)
 
 
 def save_checkpoint(engine: Any, root: str, step: int, trainer_state: dict, rank_state: dict,
@@ -76,7 +78,7 @@ def save_checkpoint(engine: Any, root: str, step: int, trainer_state: dict, rank
     os.replace(tmp, _rank_file(tag_dir, rank))
     if rank == 0:
         _atomic_write_text(os.path.join(tag_dir, TRAINER_STATE), json.dumps(trainer_state, indent=1))
-    _fault_point("save")
+    _fault_point("save", tag)
     dist.barrier()  # every rank has written everything: only now may latest move
     if rank == 0:
         _atomic_write_text(os.path.join(root, "latest"), tag)

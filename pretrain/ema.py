@@ -123,8 +123,10 @@ class ShardedEMA:
                 for name, param in self.params:
                     target = param.ds_tensor if _is_zero3(param) else param.data
                     target.copy_(saved[name])
-                    if name in saved_full:
-                        param.data.copy_(saved_full[name])
+                    # A persistent parameter may have been released meanwhile: then the next
+                    # gather reads the restored shard anyway.
+                    if name in saved_full and param.data.numel() == saved_full[name].numel():
+                        param.data.copy_(saved_full[name].view_as(param.data))
                 for name, buf in self.buffers.items():
                     buf.copy_(saved_buffers[name])
 
