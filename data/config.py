@@ -1,10 +1,9 @@
 """Typed configuration of the data pipeline.
 
-Plain dataclasses only (str, int, float, bool, lists of nested dataclasses) because the engine's
-YAML loader builds them field by field and rejects unknown keys.
+Plain dataclasses only (str, int, float, bool, lists, nested dataclasses) because the engine's
+YAML loader builds them field by field and rejects unknown keys. No ``from __future__ import
+annotations`` here: field types stay real types that such a loader can inspect.
 """
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 
 SOURCE_KINDS = ("class", "caption")

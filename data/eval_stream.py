@@ -77,7 +77,7 @@ class EvalStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         workers = info.num_workers if info is not None else 1
-        tokenizer = Tokenizer(self.cfg.context_length, self.cfg.tokenizer)
+        tokenizer = Tokenizer.from_config(self.cfg)
         counter = SkipCounter()
         for start, stop in self.plan.worker_ranges[worker::workers]:
             rows = []

@@ -89,7 +89,7 @@ class SlotBuilder:
         self.cfg = stream.cfg
         self.slot = slot
         self.global_worker = stream.layout.global_worker(slot)
-        self.tokenizer = Tokenizer(self.cfg.context_length, self.cfg.tokenizer)
+        self.tokenizer = Tokenizer.from_config(self.cfg)
         saved = stream.slot_states[slot] if slot < len(stream.slot_states) else None
         self.counter = SkipCounter(counts=saved["skips"] if saved else None)
         self.saved = saved

@@ -36,6 +36,11 @@ class Tokenizer:
             # Reserve ids 0..2 of our framing by shifting the HF ids.
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True) + BYTE_OFFSET
 
+    @classmethod
+    def from_config(cls, cfg) -> "Tokenizer":
+        """The tokenizer a ``DataConfig`` names (``context_length``, ``tokenizer``)."""
+        return cls(cfg.context_length, cfg.tokenizer)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of one caption without framing."""
         if self._hf is not None:
