@@ -146,3 +146,15 @@ def test_launcher_rejects_a_bad_config_without_starting_processes(tmp_path):
                             timeout=120)
     assert result.returncode == 2
     assert "lacks img_size" in result.stderr and "deepspeed" not in result.stdout
+
+
+@pytest.mark.parametrize("config, world_size", [("finetune_internimage_h_22k_384_1k_640.yaml", 64),
+                                                ("finetune_internimage_t_1k_224_384.yaml", 8)])
+def test_shipped_recipes_keep_their_global_batch_at_every_resolution(config, world_size):
+    cfg = load_finetune_config(os.path.join(REPO, "configs", config), world_size=world_size)
+    for index, stage in enumerate(cfg.stages):
+        stage_cfg = stage_config(cfg, index, world_size)
+        assert stage_cfg.data.batch_size * stage_cfg.optim.grad_accum * world_size == stage.global_batch
+        assert stage_cfg.optim.layer_decay == 0.9 and stage_cfg.ema.decay == 0.9999
+        assert stage_cfg.data.label_smoothing == 0.3 and stage_cfg.deepspeed.zero_stage == 3
+    assert [s.img_size for s in cfg.stages] == sorted(s.img_size for s in cfg.stages)
