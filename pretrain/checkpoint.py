@@ -173,9 +173,23 @@ def load_checkpoint(engine: Any, point: ResumePoint, universal_tag: str | None =
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {point.tag_dir}")
+    if universal_tag is not None:
+        _restore_buffers(engine.module, point)
     rank = dist.get_rank()
     source_rank = min(rank, point.world_size - 1)
     return torch.load(_rank_file(point.tag_dir, source_rank), map_location="cpu", weights_only=False)
+
+
+def _restore_buffers(module: torch.nn.Module, point: ResumePoint) -> None:
+    """Universal loading restores parameters and optimizer state but not buffers (BatchNorm
+    statistics); they are replicated, so rank 0's model-states file of the original has them."""
+    states = torch.load(os.path.join(point.tag_dir, "zero_pp_rank_0_mp_rank_00_model_states.pt"),
+                        map_location="cpu", weights_only=False)
+    saved = states["module"]
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name in saved:
+                buf.copy_(saved[name].to(buf.dtype))
 
 
 def rank_files(point: ResumePoint) -> list[str]:

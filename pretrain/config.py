@@ -183,6 +183,10 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# Short forms accepted on the command line.
+OVERRIDE_ALIASES = {"resume": "checkpoint.resume"}
+
+
 def load_config(path: Optional[str], overrides: list[str] = ()) -> PretrainConfig:
     """YAML file (or defaults when ``path`` is None) + ``key.sub=value`` overrides → validated config."""
     tree: dict[str, Any] = {}
@@ -196,6 +200,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> PretrainConfi
     tree = copy.deepcopy(tree)
     for text in overrides:
         keys, value = parse_override(text)
+        keys = OVERRIDE_ALIASES.get(".".join(keys), ".".join(keys)).split(".")
         apply_override(tree, keys, value, PretrainConfig)
     return from_dict(PretrainConfig, tree).validate()
 

@@ -1,0 +1,236 @@
+"""End-to-end pretraining runs: 2 real CPU processes (gloo, ZeRO-3, bf16) on the demo shards.
+
+Every run goes through ``launch/pretrain.sh`` or the ``deepspeed`` launcher, like a user's would.
+One uninterrupted reference run is shared; interrupted runs must end with its exact weights.
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+import torch
+
+from pretrain_helpers import REPO, cpu_env, deepspeed_cmd, free_port, run, tail
+
+STEPS = 6
+
+
+def _overrides(demo_data, run_dir, **extra):
+    values = {
+        "run_dir": run_dir,
+        "data.train_sources.0.shards": f"{demo_data}/classes/train-{{000000..000003}}.tar",
+        "data.val_shards": f"{demo_data}/classes/val-000000.tar",
+        "data.batch_size": 16,
+        "model.arch": "{channels: 8, depths: [1, 1, 1, 1], groups: [1, 1, 2, 2]}",
+        "schedule.total_steps": STEPS,
+        "schedule.warmup_steps": 1,
+        "optim.lr": 4e-3,
+        "checkpoint.every_steps": 2,
+        "checkpoint.keep_last": 2,
+        "logging.every_steps": 1,
+        "logging.tensorboard": "false",
+        "logging.progress_bar": "false",
+        "eval.max_batches": 2,
+        "ema.decay": 0.5,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _train_cmd(demo_data, run_dir, port=None, **extra):
+    return deepspeed_cmd(2, "--module", "internimage.pretrain.train", "configs/demo.yaml",
+                         *_overrides(demo_data, run_dir, **extra), port=port)
+
+
+def _latest(run_dir):
+    path = os.path.join(run_dir, "checkpoints", "latest")
+    return open(path).read().strip() if os.path.exists(path) else None
+
+
+def _state(run_dir, tag=None):
+    tag = tag or _latest(run_dir)
+    with open(os.path.join(run_dir, "checkpoints", tag, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def _weights(run_dir, ema=False):
+    from internimage.pretrain.checkpoint import resolve_resume
+    from internimage.pretrain.export import consolidated_state
+    return consolidated_state(resolve_resume(run_dir, run_dir), ema=ema)
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst == 0.0, f"weights differ by up to {worst}"
+
+
+def _train_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(demo_data, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("reference"))
+    result = run(_train_cmd(demo_data, run_dir))
+    assert result.returncode == 0, tail(result)
+    return run_dir
+
+
+def _wait_for(predicate, proc, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return False
+
+
+def _start(cmd):
+    return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_reference_run_learns_checkpoints_and_evaluates(reference_run):
+    train, evals = _train_metrics(reference_run)
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    losses = [r["loss/loss"] for r in train]
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    assert all(r["images_per_s"] > 0 and 0 <= r["data_wait_fraction"] <= 1 for r in train)
+    assert evals and 0.0 <= evals[-1]["top1"] <= 1.0 and "ema_top1" in evals[-1]
+    assert _latest(reference_run) == f"step_{STEPS:08d}"
+    kept = sorted(d for d in os.listdir(os.path.join(reference_run, "checkpoints")) if d.startswith("step_"))
+    assert kept == [f"step_{STEPS - 2:08d}", f"step_{STEPS:08d}"]  # keep_last=2
+    state = _state(reference_run)
+    assert state["step"] == STEPS and state["world_size"] == 2 and state["samples"] == STEPS * 32
+    assert os.path.exists(os.path.join(reference_run, "config.yaml"))
+    assert json.load(open(os.path.join(reference_run, "model_report.json")))["flops"] > 0
+
+
+def test_sigkill_then_same_command_resumes_to_identical_weights(demo_data, reference_run, tmp_path):
+    run_dir = str(tmp_path / "killed")
+    cmd = _train_cmd(demo_data, run_dir)
+    proc = _start(cmd)
+    reached = _wait_for(lambda: _latest(run_dir) == "step_00000004", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert reached, proc.stdout.read()[-4000:]
+    result = run(cmd)
+    assert result.returncode == 0, tail(result)
+    assert "resumed from" in result.stdout + result.stderr
+    _assert_same_weights(_weights(run_dir), _weights(reference_run))
+    _assert_same_weights(_weights(run_dir, ema=True), _weights(reference_run, ema=True))
+
+
+def test_kill_during_checkpoint_save_keeps_latest_on_the_previous_checkpoint(demo_data, reference_run,
+                                                                              tmp_path):
+    run_dir = str(tmp_path / "crash_in_save")
+    cmd = _train_cmd(demo_data, run_dir)
+    # Rank 1 dies after DeepSpeed wrote the step-4 shards but before every rank finished.
+    crashed = run(cmd, INTERNIMAGE_FAULT="save:step_00000004:1")
+    assert crashed.returncode != 0
+    assert _latest(run_dir) == "step_00000002"
+    result = run(cmd)
+    assert result.returncode == 0, tail(result)
+    _assert_same_weights(_weights(run_dir), _weights(reference_run))
+
+
+def test_sigterm_on_one_rank_checkpoints_all_ranks_and_exits_cleanly(demo_data, tmp_path):
+    run_dir = str(tmp_path / "preempted")
+    proc = _start(_train_cmd(demo_data, run_dir, **{"schedule.total_steps": 500,
+                                                    "checkpoint.every_steps": 0}))
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    assert _wait_for(lambda: os.path.exists(metrics) and os.path.getsize(metrics) > 0, proc), \
+        proc.stdout.read()[-4000:]
+    launcher = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
+    ranks = launcher[0].children()  # the per-rank processes (their data workers are grandchildren)
+    assert len(ranks) == 2
+    ranks[-1].send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-4000:]
+    assert "preempted: checkpoint saved" in output
+    state = _state(run_dir)
+    assert 1 <= state["step"] < 500
+
+
+def test_two_nodes_of_one_process_through_the_launchers_node_rank(demo_data, tmp_path):
+    run_dir = str(tmp_path / "two_nodes")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = free_port()
+    overrides = _overrides(demo_data, run_dir, **{"schedule.total_steps": 2, "eval.at_end": "false"})
+    procs = [subprocess.Popen(["bash", "launch/pretrain.sh", "configs/demo.yaml", *overrides], cwd=REPO,
+                              env=cpu_env(HOSTFILE=str(hostfile), NODE_RANK=i, MASTER_ADDR="127.0.0.1",
+                                          MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert _state(run_dir)["world_size"] == 2
+
+
+def test_universal_checkpoint_resumes_two_process_run_in_one_process(reference_run, tmp_path):
+    run_dir = str(tmp_path / "one_process")
+    start = os.path.join(reference_run, "checkpoints", f"step_{STEPS:08d}")
+    overrides = [o for o in _overrides("unused", run_dir) if not o.startswith("data.")]
+    cfg = json.load(open(os.path.join(start, "trainer_state.json")))["config"]["data"]
+    overrides += [f"data.train_sources.0.shards={cfg['train_sources'][0]['shards']}",
+                  f"data.val_shards={cfg['val_shards']}", f"resume={start}", "data.batch_size=32"]
+    result = run(["bash", "launch/pretrain.sh", "configs/demo.yaml", *overrides],
+                 NPROC_PER_NODE=1, MASTER_PORT=free_port())
+    assert result.returncode == 0, tail(result)
+    assert "universal" in result.stdout + result.stderr
+    state = _state(run_dir)
+    assert state["world_size"] == 1 and state["step"] == STEPS
+    _assert_same_weights(_weights(run_dir), _weights(reference_run))
+    _assert_same_weights(_weights(run_dir, ema=True), _weights(reference_run, ema=True))
+
+
+def test_export_loads_into_create_model(reference_run, tmp_path):
+    from internimage.model import create_model
+    for ema in (False, True):
+        out = str(tmp_path / f"model_{ema}.pth")
+        args = ["-m", "internimage.pretrain.export", reference_run, "--out", out] + (["--ema"] if ema else [])
+        result = subprocess.run([cpu_env()["PYTHON"], *args], cwd=REPO, env=cpu_env(),
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, tail(result)
+        payload = torch.load(out, weights_only=False)
+        model = create_model(payload["model_name"], num_classes=payload["num_classes"], pretrained=out,
+                             **payload["arch"])
+        loaded = model.state_dict()
+        assert all(torch.equal(loaded[k].float(), v.float()) for k, v in payload["model"].items())
+        assert set(loaded) == set(payload["model"])
+
+
+def test_deepspeeds_own_zero_to_fp32_reads_our_checkpoints(reference_run, tmp_path):
+    root = os.path.join(reference_run, "checkpoints")
+    out = tmp_path / "fp32"
+    result = subprocess.run([cpu_env()["PYTHON"], os.path.join(root, "zero_to_fp32.py"), root, str(out)],
+                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, tail(result)
+    files = list(out.iterdir())
+    state = torch.load(files[0], weights_only=False) if files[0].suffix == ".bin" else None
+    if state is None:
+        from safetensors.torch import load_file
+        state = load_file(str(files[0]))
+    ours = _weights(reference_run)
+    for key, value in ours.items():
+        if value.is_floating_point() and f"image.{key}" in state and "running" not in key:
+            assert torch.equal(state[f"image.{key}"].float(), value), key
+
+
+def test_bad_config_key_is_rejected_before_any_process_starts(tmp_path):
+    run_dir = str(tmp_path / "never")
+    t0 = time.time()
+    result = run(["bash", "launch/pretrain.sh", "configs/demo.yaml", f"run_dir={run_dir}", "optim.lrr=0.1"])
+    assert result.returncode == 2
+    assert "Did you mean 'lr'" in result.stderr
+    assert not os.path.exists(run_dir) and time.time() - t0 < 30
