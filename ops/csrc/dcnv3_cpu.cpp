@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "dcnv3_geometry.h"
@@ -34,11 +35,39 @@ inline acc_t dot(const acc_t* __restrict__ a, const scalar_t* __restrict__ b, in
   return sum;
 }
 
-template <typename scalar_t>
+// The kernel-grid part of every sampling location, hoisted out of the pixel loops: per point
+// (i·dil_w − c_w, j·dil_h − c_h), and per output pixel its grid origin.
+template <typename acc_t>
+struct PointGrid {
+  std::vector<acc_t> x, y;
+  acc_t scale;
+  int64_t origin_x, origin_y;  // w_out·stride_w − pad_w + c_w at w_out = 0, likewise for h
+
+  explicit PointGrid(const Shape& s) : scale(static_cast<acc_t>(s.offset_scale)) {
+    const int64_t centre_w = s.dilation_w * (s.kernel_w - 1) / 2, centre_h = s.dilation_h * (s.kernel_h - 1) / 2;
+    for (int p = 0; p < s.points; ++p) {
+      int i, j;
+      kernel_point(s, p, &i, &j);
+      x.push_back(static_cast<acc_t>(i * s.dilation_w - centre_w));
+      y.push_back(static_cast<acc_t>(j * s.dilation_h - centre_h));
+    }
+    origin_x = centre_w - s.pad_w;
+    origin_y = centre_h - s.pad_h;
+  }
+  acc_t base_x(const Shape& s, int64_t w_out) const { return static_cast<acc_t>(w_out * s.stride_w + origin_x); }
+  acc_t base_y(const Shape& s, int64_t h_out) const { return static_cast<acc_t>(h_out * s.stride_h + origin_y); }
+  Footprint<acc_t> at(const Shape& s, acc_t base_x, acc_t base_y, int p, acc_t dx, acc_t dy) const {
+    return footprint_at<acc_t>(s, base_x + (x[p] + dx) * scale, base_y + (y[p] + dy) * scale);
+  }
+};
+
+// kDepth > 0 fixes D at compile time (InternImage uses 16 and 32), so the channel loops unroll.
+template <typename scalar_t, int kDepth>
 void forward_kernel(const Shape& s, const scalar_t* value, const scalar_t* offset,
                     const scalar_t* mask, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t channels = s.channels(), depth = s.depth, points = s.points;
+  const int64_t channels = s.channels(), depth = kDepth > 0 ? kDepth : s.depth, points = s.points;
+  const PointGrid<acc_t> grid(s);
   const int64_t plane_out = s.height_out * s.width_out;
   const int64_t plane_in = s.height_in * s.width_in;
   // A few pixels per task keep the scheduling cost small next to 9·4·D multiply-adds per group.
@@ -49,14 +78,15 @@ void forward_kernel(const Shape& s, const scalar_t* value, const scalar_t* offse
       const int64_t n = pixel / plane_out;
       const int64_t h_out = (pixel % plane_out) / s.width_out;
       const int64_t w_out = pixel % s.width_out;
+      const acc_t base_x = grid.base_x(s, w_out), base_y = grid.base_y(s, h_out);
       for (int64_t g = 0; g < s.groups; ++g) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
         const scalar_t* off = offset + (pixel * s.groups + g) * points * 2;
         const scalar_t* weight = mask + (pixel * s.groups + g) * points;
         const scalar_t* image = value + n * plane_in * channels + g * depth;
-        for (int64_t p = 0; p < points; ++p) {
-          const auto f = footprint<acc_t>(s, h_out, w_out, p, static_cast<acc_t>(off[2 * p]),
-                                          static_cast<acc_t>(off[2 * p + 1]));
+        for (int p = 0; p < points; ++p) {
+          const auto f = grid.at(s, base_x, base_y, p, static_cast<acc_t>(off[2 * p]),
+                                 static_cast<acc_t>(off[2 * p + 1]));
           if (!f.contributes) continue;
           const acc_t m = static_cast<acc_t>(weight[p]);
           const auto at = [&](int64_t y, int64_t x) { return image + (y * s.width_in + x) * channels; };
@@ -72,12 +102,13 @@ void forward_kernel(const Shape& s, const scalar_t* value, const scalar_t* offse
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kDepth>
 void backward_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* value,
                      const scalar_t* offset, const scalar_t* mask, scalar_t* grad_value,
                      scalar_t* grad_offset, scalar_t* grad_mask) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t channels = s.channels(), depth = s.depth, points = s.points;
+  const int64_t channels = s.channels(), depth = kDepth > 0 ? kDepth : s.depth, points = s.points;
+  const PointGrid<acc_t> grid(s);
   const int64_t plane_out = s.height_out * s.width_out;
   const int64_t plane_in = s.height_in * s.width_in;
   at::parallel_for(0, s.batch * s.groups, 1, [&](int64_t begin, int64_t end) {
@@ -90,6 +121,7 @@ void backward_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* v
       for (int64_t hw = 0; hw < plane_out; ++hw) {
         const int64_t pixel = n * plane_out + hw;
         const int64_t h_out = hw / s.width_out, w_out = hw % s.width_out;
+        const acc_t base_x = grid.base_x(s, w_out), base_y = grid.base_y(s, h_out);
         const scalar_t* go = grad_out + pixel * channels + g * depth;
         for (int64_t d = 0; d < depth; ++d) upstream[d] = static_cast<acc_t>(go[d]);
         const int64_t row = pixel * s.groups + g;
@@ -97,9 +129,9 @@ void backward_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* v
         const scalar_t* weight = mask + row * points;
         scalar_t* g_off = grad_offset + row * points * 2;
         scalar_t* g_mask = grad_mask + row * points;
-        for (int64_t p = 0; p < points; ++p) {
-          const auto f = footprint<acc_t>(s, h_out, w_out, p, static_cast<acc_t>(off[2 * p]),
-                                          static_cast<acc_t>(off[2 * p + 1]));
+        for (int p = 0; p < points; ++p) {
+          const auto f = grid.at(s, base_x, base_y, p, static_cast<acc_t>(off[2 * p]),
+                                 static_cast<acc_t>(off[2 * p + 1]));
           if (!f.contributes) {
             g_off[2 * p] = g_off[2 * p + 1] = g_mask[p] = scalar_t(0);
             continue;
@@ -118,7 +150,7 @@ void backward_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* v
           const acc_t v10 = corner(f.in_y1 && f.in_x0, f.y0 + 1, f.x0, f.w10());
           const acc_t v11 = corner(f.in_y1 && f.in_x1, f.y0 + 1, f.x0 + 1, f.w11());
           const acc_t hy = 1 - f.ly, hx = 1 - f.lx;
-          const acc_t scale = static_cast<acc_t>(s.offset_scale);
+          const acc_t scale = grid.scale;
           g_mask[p] = static_cast<scalar_t>(f.w00() * v00 + f.w01() * v01 + f.w10() * v10 + f.w11() * v11);
           g_off[2 * p] = static_cast<scalar_t>(m * scale * (hy * (v01 - v00) + f.ly * (v11 - v10)));
           g_off[2 * p + 1] = static_cast<scalar_t>(m * scale * (hx * (v10 - v00) + f.lx * (v11 - v01)));
@@ -130,6 +162,17 @@ void backward_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* v
           dst[pos * channels + d] = static_cast<scalar_t>(slice[pos * depth + d]);
     }
   });
+}
+
+// Calls fn with std::integral_constant<int, D> for InternImage's channels per group, else with 0
+// (D read at run time).
+template <typename Fn>
+void with_depth(int64_t depth, const Fn& fn) {
+  switch (depth) {
+    case 16: fn(std::integral_constant<int, 16>{}); break;
+    case 32: fn(std::integral_constant<int, 32>{}); break;
+    default: fn(std::integral_constant<int, 0>{}); break;
+  }
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
@@ -146,8 +189,10 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& offset, const at::
                              dilation_h, dilation_w, groups, offset_scale, remove_center);
   auto out = at::empty({s.batch, s.height_out, s.width_out, s.channels()}, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "dcnv3_forward_cpu", [&] {
-    forward_kernel<scalar_t>(s, value.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
-                             mask.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+    with_depth(s.depth, [&](auto depth) {
+      forward_kernel<scalar_t, decltype(depth)::value>(s, value.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+                                                       mask.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+    });
   });
   return out;
 }
@@ -168,10 +213,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& v
   auto grad_offset = at::empty_like(offset);
   auto grad_mask = at::empty_like(mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "dcnv3_backward_cpu", [&] {
-    backward_kernel<scalar_t>(s, grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
-                              offset.data_ptr<scalar_t>(), mask.data_ptr<scalar_t>(),
-                              grad_value.data_ptr<scalar_t>(), grad_offset.data_ptr<scalar_t>(),
-                              grad_mask.data_ptr<scalar_t>());
+    with_depth(s.depth, [&](auto depth) {
+      backward_kernel<scalar_t, decltype(depth)::value>(
+          s, grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+          mask.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(), grad_offset.data_ptr<scalar_t>(),
+          grad_mask.data_ptr<scalar_t>());
+    });
   });
   return {grad_value, grad_offset, grad_mask};
 }

@@ -57,24 +57,9 @@ struct Footprint {
   DCNV3_HOST_DEVICE acc_t w11() const { return ly * lx; }
 };
 
-// Location (in pixels of the unpadded input) of point p of output pixel (h_out, w_out) moved by
-// (dx, dy), as SPEC §4 writes it; offset_scale scales the kernel grid together with the offset.
-// 32-bit index math throughout: these are small numbers, and 64-bit division is slow on GPUs.
+// Footprint of a location already computed (kernels that hoist the location arithmetic).
 template <typename acc_t>
-DCNV3_HOST_DEVICE Footprint<acc_t> footprint(const Shape& s, int h_out, int w_out, int p, acc_t dx,
-                                             acc_t dy) {
-  int i, j;
-  kernel_point(s, p, &i, &j);
-  const int dil_w = static_cast<int>(s.dilation_w), dil_h = static_cast<int>(s.dilation_h);
-  const int centre_w = dil_w * (static_cast<int>(s.kernel_w) - 1) / 2;
-  const int centre_h = dil_h * (static_cast<int>(s.kernel_h) - 1) / 2;
-  const acc_t scale = static_cast<acc_t>(s.offset_scale);
-  const acc_t loc_x =
-      static_cast<acc_t>(w_out * static_cast<int>(s.stride_w) - static_cast<int>(s.pad_w) + centre_w) +
-      (static_cast<acc_t>(i * dil_w - centre_w) + dx) * scale;
-  const acc_t loc_y =
-      static_cast<acc_t>(h_out * static_cast<int>(s.stride_h) - static_cast<int>(s.pad_h) + centre_h) +
-      (static_cast<acc_t>(j * dil_h - centre_h) + dy) * scale;
+DCNV3_HOST_DEVICE Footprint<acc_t> footprint_at(const Shape& s, acc_t loc_x, acc_t loc_y) {
   Footprint<acc_t> f;
   f.contributes = loc_x > acc_t(-1) && loc_y > acc_t(-1) &&
                   loc_x < static_cast<acc_t>(s.width_in) && loc_y < static_cast<acc_t>(s.height_in);
@@ -94,6 +79,27 @@ DCNV3_HOST_DEVICE Footprint<acc_t> footprint(const Shape& s, int h_out, int w_ou
   f.in_x0 = f.x0 >= 0;
   f.in_x1 = f.x0 + 1 < s.width_in;
   return f;
+}
+
+// Location (in pixels of the unpadded input) of point p of output pixel (h_out, w_out) moved by
+// (dx, dy), as SPEC §4 writes it; offset_scale scales the kernel grid together with the offset.
+// 32-bit index math throughout: these are small numbers, and 64-bit division is slow on GPUs.
+template <typename acc_t>
+DCNV3_HOST_DEVICE Footprint<acc_t> footprint(const Shape& s, int h_out, int w_out, int p, acc_t dx,
+                                             acc_t dy) {
+  int i, j;
+  kernel_point(s, p, &i, &j);
+  const int dil_w = static_cast<int>(s.dilation_w), dil_h = static_cast<int>(s.dilation_h);
+  const int centre_w = dil_w * (static_cast<int>(s.kernel_w) - 1) / 2;
+  const int centre_h = dil_h * (static_cast<int>(s.kernel_h) - 1) / 2;
+  const acc_t scale = static_cast<acc_t>(s.offset_scale);
+  const acc_t loc_x =
+      static_cast<acc_t>(w_out * static_cast<int>(s.stride_w) - static_cast<int>(s.pad_w) + centre_w) +
+      (static_cast<acc_t>(i * dil_w - centre_w) + dx) * scale;
+  const acc_t loc_y =
+      static_cast<acc_t>(h_out * static_cast<int>(s.stride_h) - static_cast<int>(s.pad_h) + centre_h) +
+      (static_cast<acc_t>(j * dil_h - centre_h) + dy) * scale;
+  return footprint_at<acc_t>(s, loc_x, loc_y);
 }
 
 }  // namespace dcnv3
