@@ -234,3 +234,19 @@ def test_bad_config_key_is_rejected_before_any_process_starts(tmp_path):
     assert result.returncode == 2
     assert "Did you mean 'lr'" in result.stderr
     assert not os.path.exists(run_dir) and time.time() - t0 < 30
+
+
+def test_mixed_stream_trains_supervised_and_contrastive_objectives_together(demo_data, tmp_path):
+    run_dir = str(tmp_path / "mixed")
+    sources = (f'[{{name: digits, shards: "{demo_data}/classes/train-{{000000..000003}}.tar", kind: class}}, '
+               f'{{name: captions, shards: "{demo_data}/captions/train-{{000000..000003}}.tar", kind: caption}}]')
+    result = run(_train_cmd(demo_data, run_dir, **{
+        "objective.kind": "mixed", "schedule.total_steps": 3, "checkpoint.every_steps": 0,
+        "eval.at_end": "false", "data.context_length": 16, "text.width": 16, "text.layers": 1,
+        "text.heads": 2, "objective.embed_dim": 16}) + [f"data.train_sources={sources}"])
+    assert result.returncode == 0, tail(result)
+    train, _ = _train_metrics(run_dir)
+    assert len(train) == 3
+    for row in train:
+        assert row["loss/supervised"] > 0 and row["loss/contrastive"] > 0
+        assert row["loss/loss"] == pytest.approx(row["loss/supervised"] + row["loss/contrastive"], rel=1e-5)
