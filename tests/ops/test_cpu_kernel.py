@@ -26,6 +26,7 @@ PROBLEMS = {
     "depth30": Problem(groups=1, depth=30, height=5, width=5),
     "depth32": Problem(groups=2, depth=32, height=4, width=5),
     "depth64": Problem(groups=1, depth=64, height=4, width=4),
+    "depth1024": Problem(batch=1, groups=2, depth=1024, height=3, width=3),
     "batch1": Problem(batch=1),
     "batch3": Problem(batch=3),
     "batch257": Problem(batch=257, height=3, width=4, groups=1, depth=2),
