@@ -16,7 +16,7 @@ set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 
 CONFIG="configs/demo.yaml"
 if [[ $# -gt 0 && "$1" != *=* ]]; then
