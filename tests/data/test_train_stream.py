@@ -145,3 +145,13 @@ def test_a_second_for_loop_continues_the_same_stream(eight_shards):
     straight = take(build_train_loader(cfg, 0, 1), 4)
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(pieces, straight))
     assert loader.batches == 4
+
+
+def test_resume_at_another_layout_is_deterministic(eight_shards):
+    cfg = small_config([SourceConfig("in22k", eight_shards)], epoch_samples=48, workers=1)
+    first = build_train_loader(cfg, 0, 2)
+    take(first, 3)
+    state = first.state_dict()
+    cfg.workers = 2
+    runs = [take(build_train_loader(cfg, 1, 3, state=state), 3) for _ in range(2)]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(*runs))
