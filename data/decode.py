@@ -26,9 +26,6 @@ except ImportError:  # optional: PIL decodes the same pixels, a little slower
 
 from .shards import IMAGE_EXTENSIONS
 
-# Refuse absurd images (decompression bombs) instead of letting a worker run out of memory.
-Image.MAX_IMAGE_PIXELS = 16384 * 16384
-
 
 # What PIL raises on bytes that are not a valid image (truncated, corrupt, bomb, wrong format).
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, Image.DecompressionBombError,
@@ -51,7 +48,10 @@ def image_bytes(members: dict[str, bytes]) -> bytes | None:
 
 
 def open_image(data: bytes) -> Image.Image:
-    """Open lazily (header only); raises PIL/OS errors on bytes that are not an image."""
+    """Open lazily (header only); raises PIL/OS errors on bytes that are not an image.
+
+    Images over PIL's ``MAX_IMAGE_PIXELS`` (decompression bombs) are refused, not decoded.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = Image.open(io.BytesIO(data))
