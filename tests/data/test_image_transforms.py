@@ -182,3 +182,15 @@ def test_translations_match_pil_affine_at_whole_pixels(name, index):
         expected = image.transform(image.size, Image.Transform.AFFINE, matrix,
                                    resample=Image.Resampling.NEAREST, fillcolor=randaugment.FILL)
         assert np.array_equal(ours, np.asarray(expected)), (name, level)
+
+
+@pytest.mark.parametrize("use_simplejpeg", [False, True])
+def test_images_over_the_pixel_limit_are_refused(monkeypatch, use_simplejpeg):
+    from internimage.data import decode
+
+    if use_simplejpeg:
+        pytest.importorskip("simplejpeg")
+    monkeypatch.setattr(decode, "USE_SIMPLEJPEG", use_simplejpeg)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the photo has 40 x 32 = 1280 pixels
+    with pytest.raises(decode.IMAGE_ERRORS):
+        decode.EncodedImage(photo(width=40, height=32))
