@@ -155,3 +155,12 @@ def test_resume_at_another_layout_is_deterministic(eight_shards):
     cfg.workers = 2
     runs = [take(build_train_loader(cfg, 1, 3, state=state), 3) for _ in range(2)]
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(*runs))
+
+
+def test_fewer_shards_than_workers_still_feeds_every_rank(tmp_path):
+    pattern = write_class_shards(str(tmp_path), shards=1, per_shard=5)
+    cfg = small_config([SourceConfig("in22k", pattern)], workers=2, epoch_samples=64)
+    loaders = [build_train_loader(cfg, rank, 2) for rank in range(2)]
+    assert {loader.steps_per_epoch for loader in loaders} == {8}
+    for loader in loaders:
+        assert len(take(loader, 10)) == 10  # crosses an epoch end on both workers
