@@ -29,7 +29,7 @@ def _load(kind: str) -> ModuleType | None:
     if kind not in _loaded:
         try:
             _loaded[kind] = importlib.import_module(_MODULES[kind])
-        except ImportError as error:
+        except (ImportError, OSError) as error:  # not built, or built against another torch
             _loaded[kind] = None
             _load_errors[kind] = f"{type(error).__name__}: {error}"
     return _loaded[kind]
