@@ -243,12 +243,12 @@ class Trainer:
         self.progress.skipped_steps += 1
         self.progress.nonfinite_streak += 1
         if self.is_main:
-            print(f"non-finite loss at step {self.progress.step}: micro-batch skipped "
+            print(f"non-finite loss in step {self.progress.step + 1}: micro-batch skipped "
                   f"({self.progress.nonfinite_streak} in a row)", flush=True)
         if self.progress.nonfinite_streak >= self.cfg.schedule.max_nonfinite_steps:
             raise NonFiniteLossError(
-                f"{self.progress.nonfinite_streak} consecutive non-finite losses ending at step "
-                f"{self.progress.step}; lower optim.lr, raise warm-up, or check the data.")
+                f"{self.progress.nonfinite_streak} consecutive non-finite losses in step "
+                f"{self.progress.step + 1}; lower optim.lr, raise warm-up, or check the data.")
 
     def run(self) -> int:
         cfg = self.cfg
