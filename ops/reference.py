@@ -1,15 +1,16 @@
 """DCNv3 core operator in plain PyTorch: the test oracle and the fallback (SPEC §4).
 
-Every fused kernel is checked against this file, so it favours obviousness over speed: the bilinear
-sampling is ``F.grid_sample`` (zero padding) on a grid built exactly as SPEC §4 writes the
-sampling locations.
+Every fused kernel is checked against this file, so it favours obviousness over speed: sampling
+locations are built exactly as SPEC §4 writes them and the four bilinear corners are gathered with
+plain indexing. (``F.grid_sample`` would be faster, but its normalised coordinates round integer
+locations, such as the regular grid every DCNv3 starts on, to either side of the pixel, so its
+offset gradient there flips between the left and the right derivative.)
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -104,14 +105,35 @@ def dcnv3_core_reference(value: Tensor, offset: Tensor, mask: Tensor, kernel_siz
     loc_x = base_x.view(1, 1, w_out, 1, 1) + (grid_x + offset[..., 0]) * offset_scale
     loc_y = base_y.view(1, h_out, 1, 1, 1) + (grid_y + offset[..., 1]) * offset_scale
 
-    # grid_sample (align_corners=False) puts pixel k's centre at (2k + 1) / size − 1.
-    grid = torch.stack(((2 * loc_x + 1) / w_in - 1, (2 * loc_y + 1) / h_in - 1), dim=-1)
-    grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(n * groups, h_out, w_out * num_points, 2)
-    planes = value.reshape(n, h_in, w_in, groups, depth).permute(0, 3, 4, 1, 2)
-    planes = planes.reshape(n * groups, depth, h_in, w_in)
-    sampled = F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    sampled = sampled.view(n, groups, depth, h_out, w_out, num_points)
+    # A point at loc <= -1 or >= size contributes nothing, its gradients included (SPEC §4).
+    inside = (loc_x > -1) & (loc_x < w_in) & (loc_y > -1) & (loc_y < h_in)
+    weights = mask.reshape(n, h_out, w_out, groups, num_points) * inside
 
-    weights = mask.reshape(n, h_out, w_out, groups, num_points).permute(0, 3, 1, 2, 4).unsqueeze(2)
-    out = (sampled * weights).sum(-1)  # (N, G, D, H_out, W_out)
-    return out.permute(0, 3, 4, 1, 2).reshape(n, h_out, w_out, channels)
+    def per_group(t: Tensor) -> Tensor:  # (N, H_out, W_out, G, P) → (N·G, H_out·W_out·P)
+        return t.permute(0, 3, 1, 2, 4).reshape(n * groups, -1)
+
+    planes = value.reshape(n, h_in, w_in, groups, depth).permute(0, 3, 1, 2, 4)
+    sampled = bilinear_gather(planes.reshape(n * groups, h_in, w_in, depth), per_group(loc_x), per_group(loc_y))
+    sampled = sampled.view(n, groups, h_out, w_out, num_points, depth)
+    out = (sampled * per_group(weights).view(n, groups, h_out, w_out, num_points, 1)).sum(-2)
+    return out.permute(0, 2, 3, 1, 4).reshape(n, h_out, w_out, channels)
+
+
+def bilinear_gather(planes: Tensor, loc_x: Tensor, loc_y: Tensor) -> Tensor:
+    """Bilinear samples of channels-last ``planes`` (B, H, W, D) at pixel coordinates (B, L) → (B, L, D).
+
+    Pixel k has its centre at k; corners outside the plane read 0. The corner weights carry the
+    gradient with respect to the locations (the right derivative at integer locations, like floor).
+    """
+    batch, height, width, depth = planes.shape
+    x0, y0 = torch.floor(loc_x), torch.floor(loc_y)
+    frac_x, frac_y = loc_x - x0, loc_y - y0
+    corners_x = x0.long().unsqueeze(-1) + torch.tensor([0, 1, 0, 1], device=planes.device)
+    corners_y = y0.long().unsqueeze(-1) + torch.tensor([0, 0, 1, 1], device=planes.device)
+    weights = torch.stack(((1 - frac_x) * (1 - frac_y), frac_x * (1 - frac_y),
+                           (1 - frac_x) * frac_y, frac_x * frac_y), dim=-1)  # (B, L, 4)
+    inside = (corners_x >= 0) & (corners_x < width) & (corners_y >= 0) & (corners_y < height)
+    index = corners_y.clamp(0, height - 1) * width + corners_x.clamp(0, width - 1)
+    rows = torch.arange(batch, device=planes.device).view(batch, 1, 1)
+    corners = planes.reshape(batch, height * width, depth)[rows, index]  # (B, L, 4, D)
+    return torch.einsum("blc,blcd->bld", weights * inside, corners)

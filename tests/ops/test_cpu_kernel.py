@@ -104,3 +104,18 @@ def test_backward_is_deterministic():
         torch.use_deterministic_algorithms(False)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["default", "stride2", "dilation2", "offset_scale2", "remove_center"])
+def test_fused_matches_reference_on_the_regular_grid_where_every_dcnv3_starts(name):
+    """Zero offsets put every sample on an integer location (a kink of bilinear sampling), and the
+    border points exactly at loc = -1: both sides take the right derivative and drop those points."""
+    require_cpu_kernel()
+    problem = PROBLEMS[name]
+    value, offset, mask = problem.make(torch.float64, generator_seed=3)
+    grad_out = torch.randn(problem.batch, *problem.out_hw, problem.groups * problem.depth, dtype=torch.float64)
+    fused = _forward_and_grads(ops.dcnv3_core, problem, (value, torch.zeros_like(offset), mask), grad_out)
+    reference = _forward_and_grads(ops.dcnv3_core_reference, problem, (value, torch.zeros_like(offset), mask),
+                                   grad_out)
+    for label, a, b in zip(("output", "grad value", "grad offset", "grad mask"), fused, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=lambda m: f"{name} {label}: {m}")
