@@ -379,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     from deepspeed.accelerator import get_accelerator
 
     backend = "nccl" if get_accelerator().device_name() == "cuda" else "gloo"
+    if backend == "gloo" and cfg.deepspeed.precision == "fp16":
+        print("config error: deepspeed.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); "
+              "use deepspeed.precision=bf16 or fp32 here.", file=sys.stderr)
+        return 2
     if backend == "nccl":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend)
