@@ -149,7 +149,9 @@ def test_kill_during_checkpoint_save_keeps_latest_on_the_previous_checkpoint(dem
     assert all(torch.isfinite(v.float()).all() for v in ours.values())
 
 
-def test_sigterm_on_one_rank_checkpoints_all_ranks_and_exits_cleanly(demo_data, tmp_path):
+@pytest.mark.parametrize("signum, rank", [(signal.SIGTERM, 1), (signal.SIGUSR1, 0)])
+def test_preemption_signal_on_one_rank_checkpoints_all_ranks_and_exits_cleanly(demo_data, tmp_path,
+                                                                                signum, rank):
     run_dir = str(tmp_path / "preempted")
     proc = _start(_train_cmd(demo_data, run_dir, **{"schedule.total_steps": 500,
                                                     "checkpoint.every_steps": 0}))
@@ -160,7 +162,8 @@ def test_sigterm_on_one_rank_checkpoints_all_ranks_and_exits_cleanly(demo_data, 
                 if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
     ranks = launcher[0].children()  # the per-rank processes (their data workers are grandchildren)
     assert len(ranks) == 2
-    ranks[-1].send_signal(signal.SIGTERM)
+    ranks = sorted(ranks, key=lambda p: p.pid)  # spawned in rank order
+    ranks[rank].send_signal(signum)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-4000:]
     assert "preempted: checkpoint saved" in output
