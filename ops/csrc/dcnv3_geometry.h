@@ -57,6 +57,15 @@ struct Footprint {
   DCNV3_HOST_DEVICE acc_t w11() const { return ly * lx; }
 };
 
+// Exact floor of a location in (-1, size): truncation, then one less for negative non-integers.
+// (Truncating loc + 1 instead is not exact: just below an integer n, loc + 1 can round up to
+// n + 1 and put the corner one pixel past the image.)
+template <typename acc_t>
+DCNV3_HOST_DEVICE int floor_to_int(acc_t v) {
+  const int truncated = static_cast<int>(v);
+  return static_cast<acc_t>(truncated) > v ? truncated - 1 : truncated;
+}
+
 // Footprint of a location already computed (kernels that hoist the location arithmetic).
 template <typename acc_t>
 DCNV3_HOST_DEVICE Footprint<acc_t> footprint_at(const Shape& s, acc_t loc_x, acc_t loc_y) {
@@ -69,9 +78,8 @@ DCNV3_HOST_DEVICE Footprint<acc_t> footprint_at(const Shape& s, acc_t loc_x, acc
     f.in_y0 = f.in_y1 = f.in_x0 = f.in_x1 = false;
     return f;
   }
-  // loc > -1 here, so truncation after adding 1 is floor without calling floor().
-  f.y0 = static_cast<int>(loc_y + acc_t(1)) - 1;
-  f.x0 = static_cast<int>(loc_x + acc_t(1)) - 1;
+  f.y0 = floor_to_int(loc_y);
+  f.x0 = floor_to_int(loc_x);
   f.ly = loc_y - static_cast<acc_t>(f.y0);
   f.lx = loc_x - static_cast<acc_t>(f.x0);
   f.in_y0 = f.y0 >= 0;

@@ -119,3 +119,23 @@ def test_fused_matches_reference_on_the_regular_grid_where_every_dcnv3_starts(na
                                    grad_out)
     for label, a, b in zip(("output", "grad value", "grad offset", "grad mask"), fused, reference):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=lambda m: f"{name} {label}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("side", [2, 4, 8])
+def test_locations_just_below_a_power_of_two_border_stay_inside_the_image(side, dtype):
+    """dx = -2^-22 puts the right/bottom points at loc = side − ulp. Flooring by truncating loc + 1
+    rounded that up to a corner one pixel past the image: out-of-bounds reads, and writes that
+    corrupted the heap in the backward (NaN losses in bf16 training of the 32 px demo)."""
+    require_cpu_kernel()
+    gen = torch.Generator().manual_seed(side)
+    value = torch.randn(2, side, side, 16, generator=gen)
+    offset = torch.full((2, side, side, 18), -2.0 ** -22)
+    mask = torch.rand(2, side, side, 9, generator=gen)
+    leaves = [t.to(dtype).requires_grad_(True) for t in (value, offset, mask)]
+    out = ops.dcnv3_core(*leaves, groups=1)
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    expected = ops.dcnv3_core_reference(*(t.detach().double() for t in leaves), groups=1)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=tolerance)
+    assert all(torch.isfinite(g).all() for g in grads)
