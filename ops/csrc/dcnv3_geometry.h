@@ -4,6 +4,7 @@
 // buildable with nvcc alone.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -57,13 +58,12 @@ struct Footprint {
   DCNV3_HOST_DEVICE acc_t w11() const { return ly * lx; }
 };
 
-// Exact floor of a location in (-1, size): truncation, then one less for negative non-integers.
-// (Truncating loc + 1 instead is not exact: just below an integer n, loc + 1 can round up to
-// n + 1 and put the corner one pixel past the image.)
+// Floor of a location in (-1, size), as an index. (Truncating loc + 1 instead is not exact: just
+// below an integer n, loc + 1 can round up to n + 1 and put the corner one pixel past the image.)
 template <typename acc_t>
 DCNV3_HOST_DEVICE int floor_to_int(acc_t v) {
-  const int truncated = static_cast<int>(v);
-  return static_cast<acc_t>(truncated) > v ? truncated - 1 : truncated;
+  using std::floor;  // host: std::floor; device: CUDA's float/double overloads (one instruction)
+  return static_cast<int>(floor(v));
 }
 
 // Footprint of a location already computed (kernels that hoist the location arithmetic).
