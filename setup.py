@@ -79,9 +79,10 @@ setup(
         "fvcore>=0.1.5.post20221221",
         "numpy>=1.24",
         "pillow>=10.0",
+        "simplejpeg>=1.7",  # libjpeg-turbo decoding, ~20% faster than PIL's in the loader
     ],
     extras_require={
-        "test": ["pytest>=7.4", "scikit-learn>=1.3"],
+        "test": ["pytest>=7.4", "scikit-learn>=1.3", "tokenizers>=0.15"],
         "demo": ["scikit-learn>=1.3"],
     },
 )
