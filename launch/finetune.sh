@@ -5,26 +5,15 @@
 #
 # No CONFIG: configs/finetune_demo.yaml, which fine-tunes the demo pretraining run (runs/demo) and
 # runs that first (bash launch/pretrain.sh) when it is missing. Where it runs (one node, hostfile,
-# no-ssh node ranks, Slurm): see launch/run_deepspeed.sh. The same command resumes an interrupted run.
+# no-ssh node ranks, Slurm): see launch/common.sh. The same command resumes an interrupted run.
 set -euo pipefail
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$REPO_ROOT"
-PYTHON="${PYTHON:-python3}"
-
-CONFIG="configs/finetune_demo.yaml"
-if [[ $# -gt 0 && "$1" != *=* ]]; then
-  CONFIG="$1"
-  shift
-fi
-if [[ ! -f "$CONFIG" ]]; then
-  echo "finetune.sh: config '$CONFIG' not found (give a YAML file from configs/)" >&2
-  exit 2
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+config_argument configs/finetune_demo.yaml "$@"
 
 # Validate the config and overrides before starting any process (every rank checks again with the
 # real world size); prints the init source when it is the missing demo pretraining run.
-MISSING_DEMO_RUN="$("$PYTHON" - "$CONFIG" "$@" <<'PY'
+MISSING_DEMO_RUN="$("$PYTHON" - "$CONFIG" "${ARGS[@]}" <<'PY'
 import os, sys
 from internimage.pretrain.config import ConfigError, load_config
 from internimage.pretrain.finetune import load_finetune_config
@@ -47,4 +36,4 @@ if [[ -n "$MISSING_DEMO_RUN" ]]; then
   bash launch/pretrain.sh configs/demo.yaml
 fi
 
-exec bash launch/run_deepspeed.sh internimage.pretrain.finetune "$CONFIG" "$@"
+launch_ranks internimage.pretrain.finetune "$CONFIG" "${ARGS[@]}"

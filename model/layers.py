@@ -5,7 +5,6 @@ Norms are wrapped in ``nn.Sequential`` the way the official checkpoints name the
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 LAYER_NORM_EPS = 1e-6

@@ -15,7 +15,7 @@ import yaml
 
 from internimage.data import DataConfig
 
-from .configio import ConfigError, apply_override, from_dict, parse_override, to_dict
+from .configio import ConfigError, apply_override, from_dict, parse_override, read_yaml_tree, to_dict
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DeepSpeedSection", "EmaConfig", "EvalConfig", "LoggingConfig",
@@ -187,22 +187,20 @@ def _check(condition: bool, message: str) -> None:
 OVERRIDE_ALIASES = {"resume": "checkpoint.resume"}
 
 
-def load_config(path: Optional[str], overrides: list[str] = ()) -> PretrainConfig:
-    """YAML file (or defaults when ``path`` is None) + ``key.sub=value`` overrides → validated config."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"Config file '{path}' does not exist.")
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"Config file '{path}' must hold a mapping at the top level.")
-    tree = copy.deepcopy(tree)
+def config_tree(path: Optional[str], overrides: list[str], schema: type) -> dict[str, Any]:
+    """The YAML tree of ``path`` (with its ``base:`` chain) with ``key.sub=value`` overrides applied,
+    each key checked against the dataclass ``schema``."""
+    tree = copy.deepcopy(read_yaml_tree(path)) if path is not None else {}
     for text in overrides:
         keys, value = parse_override(text)
         keys = OVERRIDE_ALIASES.get(".".join(keys), ".".join(keys)).split(".")
-        apply_override(tree, keys, value, PretrainConfig)
-    return from_dict(PretrainConfig, tree).validate()
+        apply_override(tree, keys, value, schema)
+    return tree
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> PretrainConfig:
+    """YAML file (or defaults when ``path`` is None) + ``key.sub=value`` overrides → validated config."""
+    return from_dict(PretrainConfig, config_tree(path, overrides, PretrainConfig)).validate()
 
 
 def config_to_dict(cfg: PretrainConfig) -> dict:

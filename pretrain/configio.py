@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from typing import Any, Union
@@ -192,3 +193,28 @@ def _unwrap_dataclass(tp: Any) -> Any:
 def _item_dataclass(tp: Any) -> Any:
     args = typing.get_args(tp) if tp is not None else ()
     return args[0] if args else None
+
+
+def read_yaml_tree(path: str, _seen: tuple[str, ...] = ()) -> dict:
+    """A YAML mapping; a top-level ``base: other.yaml`` is read first and this file merged over it
+    (mappings merge key by key, anything else is replaced)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file '{path}' does not exist.")
+    with open(path) as f:
+        tree = yaml.safe_load(f) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"Config file '{path}' must hold a mapping at the top level.")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if os.path.abspath(base) in _seen + (os.path.abspath(path),):
+        raise ConfigError(f"Config file '{path}': base '{base}' includes itself.")
+    return _merge(read_yaml_tree(base, _seen + (os.path.abspath(path),)), tree)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out

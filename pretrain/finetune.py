@@ -27,10 +27,10 @@ from torch import nn
 from internimage.data import SourceConfig
 from internimage.model import create_model, extract_state_dict
 
-from .config import ConfigError, PretrainConfig
-from .configio import apply_override, from_dict, parse_override
+from .config import ConfigError, PretrainConfig, config_tree
+from .configio import from_dict
 from .export import export_weights
-from .train import NonFiniteLossError, Trainer, parse_cli
+from .train import NonFiniteLossError, Trainer, init_distributed, parse_cli
 
 __all__ = ["FinetuneConfig", "InitConfig", "StageConfig", "load_finetune_config", "prepare_stage_weights",
            "stage_config", "main"]
@@ -104,39 +104,11 @@ class FinetuneConfig(PretrainConfig):
         return self
 
 
-def _read_tree(path: str, seen: tuple[str, ...] = ()) -> dict:
-    """A YAML mapping; a top-level ``base: other.yaml`` is read first and this file merged over it."""
-    import yaml
-    if not os.path.isfile(path):
-        raise ConfigError(f"Config file '{path}' does not exist.")
-    with open(path) as f:
-        tree = yaml.safe_load(f) or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"Config file '{path}' must hold a mapping at the top level.")
-    base = tree.pop("base", None)
-    if base is None:
-        return tree
-    if os.path.abspath(base) in seen:
-        raise ConfigError(f"Config file '{path}': base '{base}' includes itself.")
-    return _merge(_read_tree(base, seen + (os.path.abspath(path),)), tree)
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merge(out[key], value) if both else value
-    return out
-
-
 def load_finetune_config(path: Optional[str], overrides: list[str] = (),
                          world_size: int | None = None) -> FinetuneConfig:
     """YAML (with an optional ``base:`` pretraining config it builds on) + ``key.sub=value`` overrides
     (``stages.1.lr=1e-5`` reaches into the list) → validated config, before any work starts."""
-    tree = copy.deepcopy(_read_tree(path)) if path is not None else {}
-    for text in overrides:
-        keys, value = parse_override(text)
-        apply_override(tree, keys, value, FinetuneConfig)
+    tree = config_tree(path, overrides, FinetuneConfig)
     for index, stage in enumerate(tree.get("stages") or []):
         missing = [key for key in ("name", "img_size") if not isinstance(stage, dict) or key not in stage]
         if missing:
@@ -342,16 +314,6 @@ def run_finetune(cfg: FinetuneConfig) -> int:
     return 0
 
 
-def _init_distributed() -> None:
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    backend = "nccl" if get_accelerator().device_name() == "cuda" else "gloo"
-    if backend == "nccl":
-        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=backend)
-
-
 def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     try:
@@ -359,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    _init_distributed()
+    if not init_distributed(cfg.deepspeed.precision):
+        return 2
     if dist.get_rank() == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
     try:

@@ -34,7 +34,7 @@ from .metrics import (MetricsWriter, ProgressLine, device_peak_tflops, peak_memo
                       train_tflops_per_image)
 from .optim import cosine_lr, set_lr
 
-__all__ = ["main", "parse_cli", "NonFiniteLossError"]
+__all__ = ["main", "init_distributed", "parse_cli", "NonFiniteLossError", "Trainer"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -368,6 +368,23 @@ class Trainer:
                         self.cfg.checkpoint.keep_last)
 
 
+def init_distributed(precision: str) -> bool:
+    """Joins the launcher's process group (nccl on GPUs, gloo on CPU); False when ``precision``
+    cannot run on this device (the reason printed)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    backend = "nccl" if get_accelerator().device_name() == "cuda" else "gloo"
+    if backend == "gloo" and precision == "fp16":
+        print("config error: deepspeed.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); "
+              "use deepspeed.precision=bf16 or fp32 here.", file=sys.stderr)
+        return False
+    if backend == "nccl":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=backend)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     try:
@@ -375,17 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    backend = "nccl" if get_accelerator().device_name() == "cuda" else "gloo"
-    if backend == "gloo" and cfg.deepspeed.precision == "fp16":
-        print("config error: deepspeed.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); "
-              "use deepspeed.precision=bf16 or fp32 here.", file=sys.stderr)
+    if not init_distributed(cfg.deepspeed.precision):
         return 2
-    if backend == "nccl":
-        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=backend)
     try:
         return Trainer(cfg).run()
     except NonFiniteLossError as exc:

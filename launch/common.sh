@@ -1,0 +1,68 @@
+# Shared by launch/pretrain.sh and launch/finetune.sh (sourced, not run).
+#
+# launch_ranks MODULE ARGS...: runs `python -m MODULE ARGS...` on every rank through the `deepspeed`
+# launcher, replacing the calling shell:
+#   one node      default; all GPUs, or NPROC_PER_NODE CPU processes (2) when there is no GPU
+#   several nodes HOSTFILE=path (MPI style: "host slots=N" per line), optional NUM_NODES,
+#                 MASTER_ADDR, MASTER_PORT; the deepspeed launcher reaches the other nodes by ssh (pdsh)
+#   no ssh        HOSTFILE plus NODE_RANK=i on every node: one launcher per node (--no_ssh)
+#   Slurm         inside `srun --ntasks-per-node=1 bash launch/<script>.sh ...`: the hostfile, node
+#                 rank and master address come from SLURM_JOB_NODELIST / SLURM_NODEID
+# Other knobs: PYTHON (interpreter, default the active python), GPUS_PER_NODE (Slurm hostfile slots).
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+export PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
+
+# config_argument DEFAULT ARGS...: sets CONFIG (the first argument unless it is a key=value
+# override, else DEFAULT) and ARGS (the rest); fails when the file does not exist.
+config_argument() {
+  CONFIG="$1"
+  shift
+  if [[ $# -gt 0 && "$1" != *=* ]]; then
+    CONFIG="$1"
+    shift
+  fi
+  ARGS=("$@")
+  if [[ ! -f "$CONFIG" ]]; then
+    echo "$(basename "$0"): config '$CONFIG' not found (give a YAML file from configs/)" >&2
+    exit 2
+  fi
+}
+
+launch_ranks() {
+  local module="$1"
+  shift
+  NUM_GPUS="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+  LAUNCH=("$PYTHON" -m deepspeed.launcher.runner)
+  if [[ "$NUM_GPUS" == "0" ]]; then
+    export DS_ACCELERATOR=cpu
+    PER_NODE="${NPROC_PER_NODE:-2}"
+    # Each rank gets its share of the cores instead of every rank spawning one thread per core.
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / PER_NODE > 0 ? $(nproc) / PER_NODE : 1 ))}"
+  else
+    PER_NODE="${NPROC_PER_NODE:-$NUM_GPUS}"
+  fi
+  MASTER_PORT="${MASTER_PORT:-29500}"
+
+  if [[ -n "${SLURM_JOB_ID:-}" && "${SLURM_NNODES:-1}" -gt 1 ]]; then
+    HOSTFILE="${HOSTFILE:-${TMPDIR:-/tmp}/internimage_hostfile_${SLURM_JOB_ID}}"
+    scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=${GPUS_PER_NODE:-$PER_NODE}/" > "$HOSTFILE"
+    MASTER_ADDR="${MASTER_ADDR:-$(head -n 1 "$HOSTFILE" | cut -d' ' -f1)}"
+    NODE_RANK="${SLURM_NODEID}"
+  fi
+
+  if [[ -n "${HOSTFILE:-}" ]]; then
+    LAUNCH+=(--hostfile "$HOSTFILE" --master_port "$MASTER_PORT")
+    [[ -n "${NUM_NODES:-}" ]] && LAUNCH+=(--num_nodes "$NUM_NODES")
+    [[ -n "${MASTER_ADDR:-}" ]] && LAUNCH+=(--master_addr "$MASTER_ADDR")
+    if [[ -n "${NODE_RANK:-}" ]]; then
+      LAUNCH+=(--no_ssh --node_rank "$NODE_RANK")
+    fi
+  else
+    LAUNCH+=(--num_gpus "$PER_NODE" --master_port "$MASTER_PORT")
+    [[ -n "${MASTER_ADDR:-}" ]] && LAUNCH+=(--master_addr "$MASTER_ADDR")
+  fi
+
+  exec "${LAUNCH[@]}" --no_local_rank --module "$module" "$@"
+}
