@@ -87,3 +87,28 @@ class TinyDCNv3Block(torch.nn.Module):
         mask = self.mask(branch).reshape(n, h, w, self.groups, 9).softmax(-1).reshape(n, h, w, -1)
         out = dcnv3_core(self.input_proj(x), self.offset(branch) * 3, mask, groups=self.groups)
         return self.output_proj(out)
+
+
+# The operator's parameter space, shared by the CPU and CUDA kernel tests.
+PROBLEMS = {
+    "default": Problem(),
+    "stride2": Problem(height=9, width=8, stride=(2, 2)),
+    "dilation2": Problem(height=9, width=10, dilation=(2, 2), pad=(2, 2)),
+    "pad0": Problem(pad=(0, 0)),
+    "pad2": Problem(pad=(2, 2)),
+    "offset_scale2": Problem(offset_scale=2.0),
+    "remove_center": Problem(remove_center=True),
+    "far_outside": Problem(offset_spread=25.0),
+    "kernel5x3_mixed": Problem(kernel=(5, 3), stride=(2, 1), pad=(2, 0), dilation=(1, 2), width=11),
+    "depth1": Problem(groups=3, depth=1),
+    "depth3": Problem(groups=2, depth=3),
+    "depth16": Problem(groups=4, depth=16, height=5, width=6),
+    "depth30": Problem(groups=1, depth=30, height=5, width=5),
+    "depth32": Problem(groups=2, depth=32, height=4, width=5),
+    "depth64": Problem(groups=1, depth=64, height=4, width=4),
+    "depth1024": Problem(batch=1, groups=2, depth=1024, height=3, width=3),
+    "batch1": Problem(batch=1),
+    "batch3": Problem(batch=3),
+    "batch257": Problem(batch=257, height=3, width=4, groups=3, depth=8),
+    "internimage_t_stage1": Problem(batch=2, height=56, width=56, groups=4, depth=16, offset_spread=1.0),
+}

@@ -8,29 +8,8 @@ import torch
 
 from internimage import ops
 
-from ops_cases import Problem, require_cpu_kernel
+from ops_cases import PROBLEMS, Problem, require_cpu_kernel
 
-PROBLEMS = {
-    "default": Problem(),
-    "stride2": Problem(height=9, width=8, stride=(2, 2)),
-    "dilation2": Problem(height=9, width=10, dilation=(2, 2), pad=(2, 2)),
-    "pad0": Problem(pad=(0, 0)),
-    "pad2": Problem(pad=(2, 2)),
-    "offset_scale2": Problem(offset_scale=2.0),
-    "remove_center": Problem(remove_center=True),
-    "far_outside": Problem(offset_spread=25.0),
-    "kernel5x3_mixed": Problem(kernel=(5, 3), stride=(2, 1), pad=(2, 0), dilation=(1, 2), width=11),
-    "depth1": Problem(groups=3, depth=1),
-    "depth3": Problem(groups=2, depth=3),
-    "depth16": Problem(groups=4, depth=16, height=5, width=6),
-    "depth30": Problem(groups=1, depth=30, height=5, width=5),
-    "depth32": Problem(groups=2, depth=32, height=4, width=5),
-    "depth64": Problem(groups=1, depth=64, height=4, width=4),
-    "depth1024": Problem(batch=1, groups=2, depth=1024, height=3, width=3),
-    "batch1": Problem(batch=1),
-    "batch3": Problem(batch=3),
-    "batch257": Problem(batch=257, height=3, width=4, groups=1, depth=2),
-}
 
 
 def _forward_and_grads(fn, problem, inputs, grad_out):

@@ -1,6 +1,5 @@
 """CI sets INTERNIMAGE_REQUIRE_FUSED_CPU=1: then a missing compiled CPU kernel is a failure, and
 the op must refuse to fall back to the reference silently."""
-import os
 
 import pytest
 import torch

@@ -24,7 +24,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
 from internimage.pretrain.config import load_config
 from internimage.pretrain.ema import ShardedEMA
-from internimage.pretrain.engine import build_engine, build_module, param_groups
+from internimage.pretrain.engine import build_engine, build_module
 from internimage.pretrain.objectives import clip_loss
 from internimage.pretrain.optim import set_lr
 

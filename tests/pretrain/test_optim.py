@@ -1,5 +1,4 @@
 """Schedule and parameter groups: warm-up + cosine per step; LLRD/DCN scales; no decay on 1-D."""
-import math
 
 import pytest
 import torch
