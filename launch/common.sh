@@ -46,9 +46,11 @@ launch_ranks() {
   MASTER_PORT="${MASTER_PORT:-29500}"
 
   if [[ -n "${SLURM_JOB_ID:-}" && "${SLURM_NNODES:-1}" -gt 1 ]]; then
-    HOSTFILE="${HOSTFILE:-${TMPDIR:-/tmp}/internimage_hostfile_${SLURM_JOB_ID}}"
-    scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=${GPUS_PER_NODE:-$PER_NODE}/" > "$HOSTFILE"
-    MASTER_ADDR="${MASTER_ADDR:-$(head -n 1 "$HOSTFILE" | cut -d' ' -f1)}"
+    if [[ -z "${HOSTFILE:-}" ]]; then  # never overwrite a hostfile the user gave
+      HOSTFILE="${TMPDIR:-/tmp}/internimage_hostfile_${SLURM_JOB_ID}_${SLURM_NODEID}"
+      scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=${GPUS_PER_NODE:-$PER_NODE}/" > "$HOSTFILE"
+    fi
+    MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
     NODE_RANK="${SLURM_NODEID}"
   fi
 
@@ -60,7 +62,12 @@ launch_ranks() {
       LAUNCH+=(--no_ssh --node_rank "$NODE_RANK")
     fi
   else
-    LAUNCH+=(--num_gpus "$PER_NODE" --master_port "$MASTER_PORT")
+    if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$NUM_GPUS" != "0" && -z "${NPROC_PER_NODE:-}" ]]; then
+      # --num_gpus would make the deepspeed runner drop CUDA_VISIBLE_DEVICES and use GPUs 0..n-1.
+      LAUNCH+=(--include "localhost:${CUDA_VISIBLE_DEVICES}" --master_port "$MASTER_PORT")
+    else
+      LAUNCH+=(--num_gpus "$PER_NODE" --master_port "$MASTER_PORT")
+    fi
     [[ -n "${MASTER_ADDR:-}" ]] && LAUNCH+=(--master_addr "$MASTER_ADDR")
   fi
 

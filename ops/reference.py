@@ -84,7 +84,7 @@ def dcnv3_core_reference(value: Tensor, offset: Tensor, mask: Tensor, kernel_siz
             pixels before ``offset_scale``.
         mask: (N, H_out, W_out, G·P) point weights (already normalised by the caller).
     Returns:
-        (N, H_out, W_out, G·D), the dtype of ``value``.
+        (N, H_out, W_out, G·D), the dtype of ``value`` (computed in at least fp32).
     """
     kernel_size, stride = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
     pad, dilation = _pair(pad, "pad"), _pair(dilation, "dilation")
@@ -94,6 +94,11 @@ def dcnv3_core_reference(value: Tensor, offset: Tensor, mask: Tensor, kernel_siz
     depth = channels // groups
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, pad, dilation
     centre_w, centre_h = dw * (kw - 1) // 2, dh * (kh - 1) // 2
+    # Half-precision locations would be off by up to 0.25 px at 64 px: compute in fp32 at least,
+    # as the kernels do, and hand back the input dtype.
+    out_dtype = value.dtype
+    compute_dtype = torch.promote_types(value.dtype, torch.float32)
+    value, offset, mask = (t.to(compute_dtype) for t in (value, offset, mask))
 
     points = sampling_points(kernel_size, remove_center)
     grid_x = torch.tensor([i * dw - centre_w for i, _ in points], dtype=value.dtype, device=value.device)
@@ -116,7 +121,7 @@ def dcnv3_core_reference(value: Tensor, offset: Tensor, mask: Tensor, kernel_siz
     sampled = bilinear_gather(planes.reshape(n * groups, h_in, w_in, depth), per_group(loc_x), per_group(loc_y))
     sampled = sampled.view(n, groups, h_out, w_out, num_points, depth)
     out = (sampled * per_group(weights).view(n, groups, h_out, w_out, num_points, 1)).sum(-2)
-    return out.permute(0, 2, 3, 1, 4).reshape(n, h_out, w_out, channels)
+    return out.permute(0, 2, 3, 1, 4).reshape(n, h_out, w_out, channels).to(out_dtype)
 
 
 def bilinear_gather(planes: Tensor, loc_x: Tensor, loc_y: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from internimage.model import create_model, extract_state_dict
 from .config import ConfigError, PretrainConfig, config_tree
 from .configio import from_dict
 from .export import export_weights
-from .train import NonFiniteLossError, Trainer, init_distributed, parse_cli
+from .train import PREEMPTION, NonFiniteLossError, Trainer, init_distributed, parse_cli
 
 __all__ = ["FinetuneConfig", "InitConfig", "StageConfig", "load_finetune_config", "prepare_stage_weights",
            "stage_config", "main"]
@@ -96,6 +96,9 @@ class FinetuneConfig(PretrainConfig):
         if not self.init.source:
             raise ConfigError("init.source is missing: give a pretraining run folder, an exported .pth "
                               "or an official checkpoint.")
+        for stage in self.stages:
+            if stage.class_indices is not None and not os.path.isfile(stage.class_indices):
+                raise ConfigError(f"stage {stage.name}: class_indices file {stage.class_indices} does not exist.")
         names = [stage.name for stage in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}.")
@@ -150,6 +153,8 @@ def stage_config(cfg: FinetuneConfig, index: int, world_size: int) -> PretrainCo
         out.schedule.total_steps = stage.total_steps
     elif stage.epochs is not None:
         out.schedule.epochs, out.schedule.total_steps = stage.epochs, None
+    if stage.warmup_epochs is not None:
+        out.schedule.warmup_steps = None  # the stage's warm-up in epochs wins over shared steps
     replacements = [(out.data, "train_sources", stage.train_sources), (out.data, "val_shards", stage.val_shards),
                     (out.data, "epoch_samples", stage.epoch_samples), (out.model, "num_classes", stage.num_classes),
                     (out.schedule, "warmup_epochs", stage.warmup_epochs), (out.optim, "lr", stage.lr),
@@ -218,18 +223,21 @@ def prepare_stage_weights(cfg: FinetuneConfig, index: int, stage_cfg: PretrainCo
     """Writes ``init.pth`` of stage ``index``: the init source (stage 0) or the previous stage's
     final weights, with the classifier fitted to this stage's classes. Returns its path."""
     out_path = os.path.join(stage_cfg.run_dir, INIT_FILE)
+    scratch = f"{out_path}.export"  # init.pth itself appears only once its head is fitted
     os.makedirs(stage_cfg.run_dir, exist_ok=True)
     if index == 0:
-        state, source = _source_state(cfg.init, out_path), cfg.init.source
+        state, source = _source_state(cfg.init, scratch), cfg.init.source
     else:
         previous = stage_config(cfg, index - 1, world)
         use_ema = cfg.stages[index - 1].next_from_ema and previous.ema.enabled
-        state = export_weights(previous.run_dir, out_path, ema=use_ema)["model"]
+        state = export_weights(previous.run_dir, scratch, ema=use_ema)["model"]
         source = f"{previous.run_dir} ({'EMA' if use_ema else 'raw'} weights)"
     with torch.device("meta"):
         model = create_model(stage_cfg.model.name, num_classes=stage_cfg.model.num_classes, **stage_cfg.model.arch)
     _fit_classifier(state, model.head, cfg.stages[index].class_indices, cfg.init.head_init_std)
     _save({"model": state, "source": source}, out_path)
+    if os.path.exists(scratch):
+        os.remove(scratch)
     return out_path
 
 
@@ -296,9 +304,10 @@ def format_summary(results: list[dict]) -> str:
 
 def run_finetune(cfg: FinetuneConfig) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
+    PREEMPTION.install()
     results = []
     for index in range(len(cfg.stages)):
-        result = _run_stage(cfg, index, world, rank)
+        result = None if PREEMPTION.agreed() else _run_stage(cfg, index, world, rank)
         if result is None:
             if rank == 0:
                 print(f"stopped inside stage {cfg.stages[index].name}; the same command resumes it", flush=True)
@@ -315,8 +324,8 @@ def run_finetune(cfg: FinetuneConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     try:
+        config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
         cfg = load_finetune_config(config_path, overrides, int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)

@@ -34,7 +34,7 @@ from .metrics import (MetricsWriter, ProgressLine, device_peak_tflops, peak_memo
                       train_tflops_per_image)
 from .optim import cosine_lr, set_lr
 
-__all__ = ["main", "init_distributed", "parse_cli", "NonFiniteLossError", "Trainer"]
+__all__ = ["main", "init_distributed", "parse_cli", "NonFiniteLossError", "PREEMPTION", "Trainer"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,12 +72,22 @@ class Progress:
 
 
 class _Preemption:
-    """Records SIGTERM/SIGUSR1; ranks agree on it at each step boundary (all_reduce MAX)."""
+    """Records SIGTERM/SIGUSR1; ranks agree on it at each step boundary (all_reduce MAX).
+
+    One per process (``PREEMPTION``), so a signal that arrives between two runs in one process (the
+    stages of a fine-tuning job) is still seen by the next.
+    """
 
     def __init__(self):
         self.flag = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.installed = False
+
+    def install(self) -> "_Preemption":
+        if not self.installed:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handle)
+            self.installed = True
+        return self
 
     def _handle(self, signum, frame) -> None:
         self.flag = True
@@ -86,6 +96,9 @@ class _Preemption:
         value = torch.tensor([1.0 if self.flag else 0.0])
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item() > 0)
+
+
+PREEMPTION = _Preemption()
 
 
 def _device() -> torch.device:
@@ -130,7 +143,7 @@ class Trainer:
         self.device = _device()
         self.dtype = _precision_dtype(cfg)
         self.progress = Progress()
-        self.preemption = _Preemption()
+        self.preemption = PREEMPTION.install()
         self.root = checkpoint_root(cfg.run_dir)
         if self.is_main:
             os.makedirs(self.root, exist_ok=True)
@@ -257,10 +270,11 @@ class Trainer:
         batches = iter(self.loader)
         self.engine.train()
         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
-        saved_at = None
+        saved_at = self.progress.step if self.progress.step > 0 else None  # resumed: already on disk
         while self.progress.step < self.total_steps:
             if self.preemption.agreed():
-                self.save()
+                if saved_at != self.progress.step:  # never rewrite the checkpoint `latest` names
+                    self.save()
                 if self.is_main:
                     print(f"preempted: checkpoint saved at step {self.progress.step}, exiting", flush=True)
                 self.metrics.close()
@@ -386,8 +400,8 @@ def init_distributed(precision: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     try:
+        config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
         cfg = load_config(config_path, overrides)
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)

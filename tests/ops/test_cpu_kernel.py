@@ -118,3 +118,15 @@ def test_locations_just_below_a_power_of_two_border_stay_inside_the_image(side, 
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=tolerance)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_reference_in_bfloat16_computes_locations_in_float32():
+    """The fallback path under bf16 training: locations near 64 px must not round to 0.25 px."""
+    gen = torch.Generator().manual_seed(11)
+    value = torch.randn(1, 64, 64, 8, generator=gen).bfloat16()
+    offset = (torch.randn(1, 64, 64, 18, generator=gen) * 0.3).bfloat16()
+    mask = torch.rand(1, 64, 64, 9, generator=gen).bfloat16()
+    got = ops.dcnv3_core_reference(value, offset, mask, groups=1)
+    want = ops.dcnv3_core_reference(value.double(), offset.double(), mask.double(), groups=1)
+    assert got.dtype == torch.bfloat16
+    assert (got.double() - want).abs().max() < 0.05
