@@ -151,6 +151,9 @@ class Trainer:
         dist.barrier()
 
         point = resolve_resume(cfg.checkpoint.resume, cfg.run_dir)
+        # Resumed from this run's own checkpoint: its step is already on disk here.
+        self.saved_step = point.state["step"] if point is not None and \
+            os.path.abspath(point.root) == os.path.abspath(self.root) else None
         resharding = point is not None and (point.world_size != self.world or cfg.checkpoint.universal)
         _seed_everything(cfg.seed)
         tokenizer = Tokenizer(cfg.data.context_length, cfg.data.tokenizer) \
@@ -270,7 +273,7 @@ class Trainer:
         batches = iter(self.loader)
         self.engine.train()
         window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
-        saved_at = self.progress.step if self.progress.step > 0 else None  # resumed: already on disk
+        saved_at = self.saved_step
         while self.progress.step < self.total_steps:
             if self.preemption.agreed():
                 if saved_at != self.progress.step:  # never rewrite the checkpoint `latest` names
