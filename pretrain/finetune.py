@@ -30,7 +30,7 @@ from internimage.model import create_model, extract_state_dict
 from .config import ConfigError, PretrainConfig, config_tree
 from .configio import from_dict
 from .export import export_weights
-from .train import PREEMPTION, NonFiniteLossError, Trainer, init_distributed, parse_cli
+from .train import PREEMPTION, NonFiniteLossError, Trainer, init_distributed, leave_distributed, parse_cli
 
 __all__ = ["FinetuneConfig", "InitConfig", "StageConfig", "load_finetune_config", "prepare_stage_weights",
            "stage_config", "main"]
@@ -335,10 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     if dist.get_rank() == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
     try:
-        return run_finetune(cfg)
+        code = run_finetune(cfg)
     except NonFiniteLossError as exc:
         print(f"rank {dist.get_rank()}: {exc}", file=sys.stderr, flush=True)
         return 3
+    leave_distributed()
+    return code
 
 
 if __name__ == "__main__":

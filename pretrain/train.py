@@ -34,7 +34,7 @@ from .metrics import (MetricsWriter, ProgressLine, device_peak_tflops, peak_memo
                       train_tflops_per_image)
 from .optim import cosine_lr, set_lr
 
-__all__ = ["main", "init_distributed", "parse_cli", "NonFiniteLossError", "PREEMPTION", "Trainer"]
+__all__ = ["main", "init_distributed", "leave_distributed", "parse_cli", "NonFiniteLossError", "PREEMPTION", "Trainer"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -402,6 +402,13 @@ def init_distributed(precision: str) -> bool:
     return True
 
 
+def leave_distributed() -> None:
+    """All ranks leave together: a process that exits with its gloo group alive, its peers still
+    talking, can abort in the group's teardown ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
@@ -412,10 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     if not init_distributed(cfg.deepspeed.precision):
         return 2
     try:
-        return Trainer(cfg).run()
+        code = Trainer(cfg).run()
     except NonFiniteLossError as exc:
         print(f"rank {dist.get_rank()}: {exc}", file=sys.stderr, flush=True)
         return 3
+    leave_distributed()
+    return code
 
 
 if __name__ == "__main__":
