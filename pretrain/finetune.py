@@ -30,7 +30,7 @@ from internimage.model import create_model, extract_state_dict
 from .config import ConfigError, PretrainConfig, config_tree
 from .configio import from_dict
 from .export import export_weights
-from .train import PREEMPTION, NonFiniteLossError, Trainer, init_distributed, leave_distributed, parse_cli
+from .train import PREEMPTION, Trainer, run_entry
 
 __all__ = ["FinetuneConfig", "InitConfig", "StageConfig", "load_finetune_config", "prepare_stage_weights",
            "stage_config", "main"]
@@ -323,24 +323,16 @@ def run_finetune(cfg: FinetuneConfig) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
-        cfg = load_finetune_config(config_path, overrides, int(os.environ.get("WORLD_SIZE", "1")))
-    except (ConfigError, ValueError) as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    if not init_distributed(cfg.deepspeed.precision):
-        return 2
+def _make_run_dir_and_finetune(cfg: FinetuneConfig) -> int:
     if dist.get_rank() == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
-    try:
-        code = run_finetune(cfg)
-    except NonFiniteLossError as exc:
-        print(f"rank {dist.get_rank()}: {exc}", file=sys.stderr, flush=True)
-        return 3
-    leave_distributed()
-    return code
+    return run_finetune(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    def load(path, overrides):
+        return load_finetune_config(path, overrides, int(os.environ.get("WORLD_SIZE", "1")))
+    return run_entry(argv, load, _make_run_dir_and_finetune)
 
 
 if __name__ == "__main__":

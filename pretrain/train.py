@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from .metrics import (MetricsWriter, ProgressLine, device_peak_tflops, peak_memo
                       train_tflops_per_image)
 from .optim import cosine_lr, set_lr
 
-__all__ = ["main", "init_distributed", "leave_distributed", "parse_cli", "NonFiniteLossError", "PREEMPTION", "Trainer"]
+__all__ = ["main", "init_distributed", "leave_distributed", "parse_cli", "run_entry", "NonFiniteLossError", "PREEMPTION", "Trainer"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -409,22 +410,29 @@ def leave_distributed() -> None:
     dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_entry(argv: list[str] | None, load: Callable[[str | None, list[str]], PretrainConfig],
+              work: Callable[[PretrainConfig], int]) -> int:
+    """One rank's entry point: CLI → ``load`` (config errors exit 2 before any collective) → process
+    group → ``work`` → leave together. Exit codes: 0 done or preempted, 2 config, 3 non-finite."""
     try:
         config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
-        cfg = load_config(config_path, overrides)
+        cfg = load(config_path, overrides)
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if not init_distributed(cfg.deepspeed.precision):
         return 2
     try:
-        code = Trainer(cfg).run()
+        code = work(cfg)
     except NonFiniteLossError as exc:
         print(f"rank {dist.get_rank()}: {exc}", file=sys.stderr, flush=True)
         return 3
     leave_distributed()
     return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_entry(argv, load_config, lambda cfg: Trainer(cfg).run())
 
 
 if __name__ == "__main__":
