@@ -1,5 +1,5 @@
 """Installs the repository's root folders as the ``internimage`` namespace, and builds the DCNv3
-kernels.
+kernels and the region JPEG decoder.
 
 ``model/`` becomes ``internimage.model``, ``ops/`` becomes ``internimage.ops`` and so on, so the
 repository keeps the flat layout people browse while imports stay namespaced.
@@ -8,19 +8,24 @@ Kernels (build with ``pip install --no-build-isolation``, so the installed torch
 against): ``internimage.ops._cpu`` whenever a C++ compiler works, ``internimage.ops._cuda`` when
 torch has CUDA and nvcc is found (``TORCH_CUDA_ARCH_LIST``, default "8.0;9.0"). A failed or
 impossible kernel build only warns: the package then runs the pure-PyTorch reference.
+``internimage.data._jpeg`` (region-of-interest JPEG decoding) links the system libjpeg-turbo
+(>= 1.5; Debian/Ubuntu ``libjpeg-dev``, RHEL ``libjpeg-turbo-devel``, conda ``libjpeg-turbo``);
+without its headers the loader decodes whole images with simplejpeg instead.
 """
 import os
 import warnings
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 SUBPACKAGES = ("model", "ops", "data", "pretrain")
 CSRC = os.path.join("ops", "csrc")
+JPEG_REGION_SOURCE = os.path.join("data", "csrc", "jpeg_region.cpp")
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
 def _kernel_build():
-    """(ext_modules, cmdclass) for the DCNv3 kernels; empty when torch cannot build them here."""
+    """(ext_modules, cmdclass) for the DCNv3 kernels and the region JPEG decoder; empty when torch
+    cannot build them here."""
     try:
         import torch
         from torch.utils import cpp_extension
@@ -30,24 +35,33 @@ def _kernel_build():
         return [], {}
 
     class OptionalBuildExtension(cpp_extension.BuildExtension):
-        """Builds each kernel extension if it can; a failure warns instead of failing the install."""
+        """Builds each extension if it can; a failure warns instead of failing the install."""
 
         def build_extensions(self):
+            self.failed = set()
             try:
                 super().build_extensions()
             except Exception as error:  # no compiler at all fails before any extension starts
-                warnings.warn(f"internimage: DCNv3 kernels not built ({error}); the reference runs instead")
+                warnings.warn(f"internimage: no extension built ({error}); the pure-Python paths "
+                              f"run instead")
+                self.failed = {ext.name for ext in self.extensions}
+            # What failed is not an output: an editable install would otherwise try to copy it.
+            self.extensions = [ext for ext in self.extensions if ext.name not in self.failed]
 
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as error:
-                warnings.warn(f"internimage: {ext.name} not built ({error}); the reference runs instead")
+                self.failed.add(ext.name)
+                warnings.warn(f"internimage: {ext.name} not built ({error}); its pure-Python "
+                              f"fallback runs instead")
 
     # -fopenmp makes at::parallel_for (inline in ATen headers) actually fork; the GOMP symbols
     # resolve to the OpenMP runtime libtorch already loads, so no -lgomp (one runtime, one pool).
     cxx_flags = ["-O3", "-fopenmp"]
-    extensions = [cpp_extension.CppExtension(
+    extensions = [Extension("internimage.data._jpeg", [JPEG_REGION_SOURCE], libraries=["jpeg"],
+                            extra_compile_args=["-O2"], language="c++"),
+                  cpp_extension.CppExtension(
         "internimage.ops._cpu", [os.path.join(CSRC, "dcnv3_cpu.cpp")],
         extra_compile_args={"cxx": cxx_flags})]
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:

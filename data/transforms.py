@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from .config import DataConfig
-from .decode import EncodedImage
+from .decode import Box, EncodedImage
 from .randaugment import rand_augment
 
-Box = tuple[float, float, float, float]  # left, top, width, height in source pixels
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
@@ -68,17 +67,12 @@ def decode_crop_resize(data: bytes, box_fn, size: int) -> np.ndarray:
     """
     encoded = EncodedImage(data)
     width, height = encoded.size
-    left, top, crop_w, crop_h = box_fn(width, height)
-    # Ask for the full image at a size where the crop still covers size x size pixels.
-    want = (math.ceil(width * size / crop_w), math.ceil(height * size / crop_h))
-    decoded = encoded.decode_rgb(want)
-    sx, sy = decoded.shape[1] / width, decoded.shape[0] / height
-    x0 = min(int(round(left * sx)), decoded.shape[1] - 1)
-    y0 = min(int(round(top * sy)), decoded.shape[0] - 1)
-    x1 = max(x0 + 1, min(int(round((left + crop_w) * sx)), decoded.shape[1]))
-    y1 = max(y0 + 1, min(int(round((top + crop_h) * sy)), decoded.shape[0]))
-    pixels = torch.from_numpy(decoded)  # (H, W, 3): the NCHW view below is channels-last
-    region = pixels.permute(2, 0, 1)[None, :, y0:y1, x0:x1]
+    box = box_fn(width, height)
+    # Decode at a scale where the crop still covers size x size pixels.
+    want = (math.ceil(width * size / box[2]), math.ceil(height * size / box[3]))
+    decoded = encoded.decode_region(box, want)
+    # (h, w, 3) memory seen as (1, 3, h, w): channels-last, which the uint8 kernel is fast on.
+    region = torch.from_numpy(decoded).permute(2, 0, 1)[None]
     resized = F.interpolate(region, size=(size, size), mode="bicubic", antialias=True,
                             align_corners=False)
     return resized[0].permute(1, 2, 0).numpy()
