@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import glob
 import json
+import lzma
 import os
 import re
 import subprocess
-import tarfile
 import zlib
 from dataclasses import dataclass
 from typing import IO, Iterator
 
 from .faults import OPEN_FAILED, TRUNCATED_TAR, SkipCounter
+from .tar_stream import TarFormatError, iter_tar_files
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTENSIONS = ("txt", "cls", "json")
@@ -85,27 +86,15 @@ def open_shard(url: str) -> tuple[IO[bytes], subprocess.Popen | None]:
     return open(url, "rb", buffering=1 << 20), None
 
 
+def _is_kept(name: str) -> bool:
+    return split_member_name(name)[1] in KEPT_EXTENSIONS
+
+
 def split_member_name(name: str) -> tuple[str, str]:
     """``dir/0001.seg.jpg`` -> (``dir/0001``, ``seg.jpg``): the key ends at the basename's first dot."""
     directory, base = os.path.split(name)
     stem, dot, ext = base.partition(".")
     return os.path.join(directory, stem) if directory else stem, ext.lower() if dot else ""
-
-
-class _HeaderWatch(tarfile.TarInfo):
-    """Remembers why header reading stopped: tarfile ends a stream quietly on a cut header."""
-
-    @classmethod
-    def fromtarfile(cls, archive):
-        try:
-            return super().fromtarfile(archive)
-        except tarfile.HeaderError as error:
-            archive.stop_reason = error
-            raise
-
-
-def _ended_cleanly(archive: tarfile.TarFile) -> bool:
-    return isinstance(getattr(archive, "stop_reason", None), tarfile.EOFHeaderError)
 
 
 @dataclass
@@ -133,29 +122,20 @@ def iter_samples(url: str, counter: SkipCounter) -> Iterator[RawSample]:
     try:
         current: RawSample | None = None
         try:
-            with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_HeaderWatch) as archive:
-                for member in archive:
-                    if not member.isfile():
-                        continue
-                    key, ext = split_member_name(member.name)
-                    if current is not None and key != current.key:
-                        yield current
-                        yielded += 1
-                        current = None
-                    if current is None:
-                        current = RawSample(key, url, {})
-                    if ext in KEPT_EXTENSIONS:
-                        data = archive.extractfile(member).read()
-                        if len(data) != member.size:
-                            raise tarfile.ReadError(f"{member.name}: data cut at {len(data)} "
-                                                    f"of {member.size} bytes")
-                        current.members[ext] = data
-                if not _ended_cleanly(archive):
-                    raise tarfile.ReadError("tar ends without its end-of-archive blocks")
+            for name, data in iter_tar_files(stream, _is_kept):
+                key, ext = split_member_name(name)
+                if current is not None and key != current.key:
+                    yield current
+                    yielded += 1
+                    current = None
+                if current is None:
+                    current = RawSample(key, url, {})
+                if data is not None:
+                    current.members[ext] = data
             if current is not None:
                 yield current
                 yielded += 1
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        except (TarFormatError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
             failed = True
             reason = TRUNCATED_TAR if yielded or current is not None else OPEN_FAILED
             counter.skip(reason, url, error)

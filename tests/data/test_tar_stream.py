@@ -1,0 +1,106 @@
+"""The lean tar reader yields what Python's tarfile reads from the same archive (regular files, in
+order, names resolved through ustar prefixes, GNU long names and pax records), reads no data it was
+not asked for, and raises TarFormatError where tarfile would find the archive damaged."""
+import bz2
+import gzip
+import io
+import lzma
+import tarfile
+
+import pytest
+
+from internimage.data.tar_stream import TarFormatError, _number, iter_tar_files
+
+
+def archive(fmt: int, members: list[tuple[str, bytes | str]]) -> bytes:
+    """A tar in ``fmt``; a member whose content is a str is a directory (``"dir"``) or a symlink
+    to that target."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000.25  # a float mtime makes PAX writers add a pax header
+            if content == "dir":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif isinstance(content, str):
+                info.type, info.linkname = tarfile.SYMTYPE, content
+                tar.addfile(info)
+            else:
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def tarfile_view(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+def ours(data: bytes, wanted=lambda name: True) -> list[tuple[str, bytes | None]]:
+    return list(iter_tar_files(io.BufferedReader(io.BytesIO(data)), wanted))
+
+
+MEMBERS = [
+    ("000001.jpg", b"\xff\xd8" + bytes(range(256)) * 7),
+    ("000001.cls", b"17"),
+    ("000002.txt", b""),  # empty file: a header and no data block
+    ("folder", "dir"),
+    ("folder/000003.json", b'{"caption": "x"}' * 40),
+    ("link.jpg", "000001.jpg"),
+    ("d" * 90 + "/" + "e" * 60 + ".jpg", b"prefix or long name"),  # > 100 characters
+    ("f" * 120 + "/" + "g" * 150 + ".txt", b"only a long-name header holds this"),  # > 256
+    ("caf\u00e9/\u00fcber.txt", "\u00e9t\u00e9".encode()),  # non-ASCII names
+]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_regular_files_and_names_match_tarfile(fmt):
+    members = MEMBERS if fmt != tarfile.USTAR_FORMAT else [
+        m for m in MEMBERS if len(m[0]) < 200]  # ustar itself cannot store the longest name
+    data = archive(fmt, members)
+    assert ours(data) == tarfile_view(data)
+    assert [name for name, _ in ours(data)][:2] == ["000001.jpg", "000001.cls"]
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
+def test_compressed_archives_are_read_through(compress):
+    data = archive(tarfile.PAX_FORMAT, MEMBERS)
+    assert ours(compress(data)) == tarfile_view(data)
+
+
+def test_unwanted_members_are_skipped_unread():
+    data = archive(tarfile.GNU_FORMAT, MEMBERS)
+    result = ours(data, wanted=lambda name: name.endswith(".cls"))
+    assert [content for name, content in result if name.endswith(".cls")] == [b"17"]
+    assert all(content is None for name, content in result if not name.endswith(".cls"))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: d[:700], "data cut"),
+    (lambda d: d[:512 + 100], "data cut"),
+    (lambda d: d[:100], "header cut"),
+    (lambda d: d.rstrip(b"\0") + bytes(-len(d.rstrip(b"\0")) % 512), "end-of-archive"),
+    (lambda d: d[:148] + b"7777777\0" + d[156:], "not a tar"),
+    (lambda d: b"not a tar archive " * 60, "not a tar"),
+])
+def test_damage_raises_after_every_complete_file_before_it(damage, message):
+    data = archive(tarfile.USTAR_FORMAT, MEMBERS[:2])
+    assert len(data) >= 2048  # two members, then the two zero end blocks
+    broken = damage(data)
+    seen = []
+    with pytest.raises(TarFormatError, match=message):
+        for name, _ in iter_tar_files(io.BytesIO(broken), lambda name: True):
+            seen.append(name)
+    assert seen == [name for name, _ in MEMBERS[:len(seen)]]
+
+
+def test_numbers_in_octal_and_gnu_base_256():
+    assert _number(b"0000644\0") == 0o644
+    assert _number(b"     17 ") == 0o17
+    assert _number(b"\0" * 8) == 0
+    assert _number(b"\x80" + (12 * 2**33).to_bytes(11, "big")) == 12 * 2**33  # > 8 GiB sizes
+    with pytest.raises(TarFormatError):
+        _number(b"\xff" * 12)
+    with pytest.raises(TarFormatError):
+        _number(b"12x4\0\0\0\0")
