@@ -175,9 +175,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=2.0,
-                        help="seconds per measurement and round (3 interleaved rounds)")
+                        help="seconds per measurement and round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds; the best counts (more on a noisy machine)")
     args = parser.parse_args(argv)
-    result = run(args.workers, args.images, args.img_size, args.batch_size, args.seconds)
+    result = run(args.workers, args.images, args.img_size, args.batch_size, args.seconds,
+                 args.rounds)
     print(format_result(result))
     if args.json:
         with open(args.json, "w") as handle:

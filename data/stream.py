@@ -8,6 +8,7 @@ Each batch carries its slot's position after it was built, which is all a restor
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +71,9 @@ class TrainStream(IterableDataset):
         self.slot_states = slot_states
         weights = np.array([s.weight for s in cfg.train_sources], dtype=np.float64)
         self.weights = weights / weights.sum()
+        # What Generator.choice(p=weights) searches: the same draw picks the same source.
+        cumulative = np.cumsum(self.weights)
+        self.cumulative_weights = (cumulative / cumulative[-1]).tolist()
 
     def __iter__(self):
         info = get_worker_info()
@@ -142,7 +146,7 @@ class SlotBuilder:
         while filled < size:
             rng = np.random.default_rng(self.seed_key + [SAMPLE_STREAM, self.draws])
             self.draws += 1
-            index = int(rng.choice(len(self.readers), p=self.stream.weights))
+            index = bisect.bisect_right(self.stream.cumulative_weights, rng.random())
             raw = self.readers[index].next()
             decoded = self._decode(index, raw, rng)
             if decoded is None:
