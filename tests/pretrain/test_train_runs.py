@@ -171,20 +171,41 @@ def test_preemption_signal_on_one_rank_checkpoints_all_ranks_and_exits_cleanly(d
     assert 1 <= state["step"] < 500
 
 
-def test_two_nodes_of_one_process_through_the_launchers_node_rank(demo_data, tmp_path):
+def _node_env(mode: str, node: int, tmp_path, port: int) -> dict:
+    """How each of 2 nodes learns its place: a hostfile plus NODE_RANK, or Slurm's variables (a
+    stand-in `scontrol` expands the node list to two names of this machine)."""
+    if mode == "node_rank":
+        hostfile = tmp_path / "hostfile"
+        hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+        return cpu_env(HOSTFILE=str(hostfile), NODE_RANK=node, MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=port)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames node[0-1]" ] && '
+                        'printf "localhost\\n127.0.0.1\\n"\n')
+    scontrol.chmod(0o755)
+    return cpu_env(PATH=f"{bin_dir}:{os.environ['PATH']}", TMPDIR=str(tmp_path), SLURM_JOB_ID=42,
+                   SLURM_NNODES=2, SLURM_NODEID=node, SLURM_JOB_NODELIST="node[0-1]",
+                   NPROC_PER_NODE=1, MASTER_PORT=port)
+
+
+@pytest.mark.parametrize("mode", ["node_rank", "slurm"])
+def test_two_nodes_of_one_process_through_the_launcher(demo_data, tmp_path, mode):
     run_dir = str(tmp_path / "two_nodes")
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = free_port()
     overrides = _overrides(demo_data, run_dir, **{"schedule.total_steps": 2, "eval.at_end": "false"})
     procs = [subprocess.Popen(["bash", "launch/pretrain.sh", "configs/demo.yaml", *overrides], cwd=REPO,
-                              env=cpu_env(HOSTFILE=str(hostfile), NODE_RANK=i, MASTER_ADDR="127.0.0.1",
-                                          MASTER_PORT=port),
+                              env=_node_env(mode, i, tmp_path, port),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert _state(run_dir)["world_size"] == 2
+    if mode == "slurm":  # the launcher wrote one hostfile per node from the Slurm node list
+        for node in range(2):
+            hostfile = tmp_path / f"internimage_hostfile_42_{node}"
+            assert hostfile.read_text() == "localhost slots=1\n127.0.0.1 slots=1\n"
 
 
 def test_universal_checkpoint_resumes_two_process_run_in_one_process(reference_run, tmp_path):
