@@ -10,8 +10,8 @@ are like photos) into a temporary shard, then measures, in images per second:
 - ``baseline_cpu_normalise``: the same plus float conversion and normalisation on the CPU, as a
   pipeline that does not hand uint8 to the device does;
 - ``loader_1core`` with and without RandAugment: this package's train loader with no worker
-  process (tar read, DCT-scaled decode, crop-resize, flip, augment, random erasing, collate to a
-  uint8 batch); without RandAugment colour jitter is off as well;
+  process (tar read, crop-only DCT-scaled decode, crop-resize, flip, augment, collate to a
+  uint8 batch; random erasing and Mixup/CutMix run later on the device); without RandAugment colour jitter is off as well;
 - ``loader_workers`` with ``--workers`` processes (total and per worker), when N > 0.
 """
 from __future__ import annotations
@@ -80,8 +80,8 @@ def baseline_step(images: list[bytes], size: int, normalise: bool = False):
 
 def loader_step(pattern: str, size: int, batch_size: int, workers: int, randaugment: bool):
     """One batch from ``build_train_loader``, after a warm-up batch per worker."""
-    # Without RandAugment, colour jitter is off too: that run measures decode, crop, flip,
-    # erasing and collation alone.
+    # Without RandAugment, colour jitter is off too: that run measures decode, crop, flip and
+    # collation alone.
     cfg = DataConfig(train_sources=[SourceConfig("bench", pattern)], img_size=size,
                      batch_size=batch_size, workers=workers, shuffle_buffer=64,
                      epoch_samples=10**9, randaugment=randaugment, color_jitter=0.0)

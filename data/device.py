@@ -1,10 +1,12 @@
-"""On-device batch transform: normalisation, Mixup/CutMix and label smoothing.
+"""On-device batch transform: normalisation, random erasing, Mixup/CutMix and label smoothing.
 
 Workers hand over uint8 images; here they become float, normalised with the ImageNet mean/std,
-and the rows that carry a class are mixed among themselves (row i with its partner in the
-reversed order of those rows). Caption rows are never mixed: their image must stay paired with its
-text. All random choices are a handful of scalars drawn from one seed taken from the caller's
-``torch.Generator``, so a seeded generator makes the transform reproducible on any device.
+random erasing replaces one rectangle of some images by noise (as timm does after normalising on
+the device: the workers are the throughput bottleneck, the device does this for free), and the rows
+that carry a class are mixed among themselves (row i with its partner in the reversed order of
+those rows). Caption rows are never mixed: their image must stay paired with its text. All random
+choices are scalars drawn from one seed taken from the caller's ``torch.Generator``, so a seeded
+generator makes the transform reproducible on any device.
 """
 from __future__ import annotations
 
@@ -46,10 +48,30 @@ def cutmix_box(height: int, width: int, lam: float, rng: np.random.Generator
     return top, bottom, left, right
 
 
+def erase_box(height: int, width: int, rng: np.random.Generator,
+              area: tuple[float, float] = (0.02, 1.0 / 3.0),
+              log_ratio: tuple[float, float] = (math.log(0.3), math.log(1.0 / 0.3))
+              ) -> tuple[int, int, int, int] | None:
+    """Random-erasing box (top, left, height, width): area fraction uniform in ``area``, aspect
+    log-uniform; None when ten tries find no box that fits."""
+    for _ in range(10):
+        target = height * width * rng.uniform(*area)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        erase_h = int(round(math.sqrt(target * aspect)))
+        erase_w = int(round(math.sqrt(target / aspect)))
+        if 0 < erase_h < height and 0 < erase_w < width:
+            top = int(rng.integers(0, height - erase_h + 1))
+            left = int(rng.integers(0, width - erase_w + 1))
+            return top, left, erase_h, erase_w
+    return None
+
+
 class DeviceTransform:
     """``transform(batch) -> {"image": float (B, 3, S, S), "target": float (B, num_classes)}``.
 
-    Train mode: with probability ``mixup_prob`` the class rows are mixed, by CutMix with probability
+    Train mode: each image, with probability ``reprob``, gets one random-erasing box filled with
+    per-pixel N(0, 1) noise in normalised units (timm's 'pixel' mode); then, with probability
+    ``mixup_prob``, the class rows are mixed, by CutMix with probability
     ``mixup_switch_prob`` when both are enabled, else by Mixup; lam ~ Beta(alpha, alpha) (CutMix
     lam is corrected to the clipped box's area); targets are lam * smooth(y) + (1 - lam) *
     smooth(y_partner). Rows without a class get all-zero targets. ``eval=True``: normalise only and
@@ -82,9 +104,11 @@ class DeviceTransform:
         target = torch.zeros(labels.shape[0], self.num_classes, device=labels.device)
         rows = has_class.nonzero().flatten()
         target[rows] = smooth_one_hot(labels[rows], self.num_classes, smoothing)
-        if not evaluating and rows.numel() > 1:
+        if not evaluating:
             rng = np.random.default_rng(self._seed(generator or self.generator, images.device))
-            self._mix(out["image"], target, rows, labels, rng)
+            self._erase(out["image"], rng)
+            if rows.numel() > 1:
+                self._mix(out["image"], target, rows, labels, rng)
         out["target"] = target
         return out
 
@@ -93,6 +117,23 @@ class DeviceTransform:
         gen_device = generator.device if generator is not None else device
         draw = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device)
         return int(draw.item())
+
+    def _erase(self, images: torch.Tensor, rng: np.random.Generator) -> None:
+        """Random erasing in place on normalised (B, 3, H, W) images."""
+        if self.cfg.reprob <= 0:
+            return
+        height, width = images.shape[-2:]
+        boxes = [(row, erase_box(height, width, rng)) for row in range(images.shape[0])
+                 if rng.random() < self.cfg.reprob]
+        boxes = [(row, box) for row, box in boxes if box is not None]
+        if not boxes:
+            return
+        noise = torch.Generator(device=images.device)
+        noise.manual_seed(int(rng.integers(0, 2**62)))
+        for row, (top, left, erase_h, erase_w) in boxes:
+            images[row, :, top:top + erase_h, left:left + erase_w] = torch.randn(
+                (images.shape[1], erase_h, erase_w), generator=noise, device=images.device,
+                dtype=images.dtype)
 
     def _mix(self, images: torch.Tensor, target: torch.Tensor, rows: torch.Tensor,
              labels: torch.Tensor, rng: np.random.Generator) -> None:

@@ -79,9 +79,9 @@ def decode_crop_resize(data: bytes, box_fn, size: int) -> np.ndarray:
 
 
 def train_transform(data: bytes, cfg: DataConfig, rng: np.random.Generator) -> np.ndarray:
-    """RandomResizedCrop (bicubic) -> hflip -> RandAugment or colour jitter -> random erasing.
+    """RandomResizedCrop (bicubic) -> hflip -> RandAugment or colour jitter.
 
-    Returns uint8 (size, size, 3).
+    Returns uint8 (size, size, 3). Random erasing follows on the device (``DeviceTransform``).
     """
     scale, ratio = tuple(cfg.crop_scale), tuple(cfg.crop_ratio)
     pixels = decode_crop_resize(
@@ -95,8 +95,6 @@ def train_transform(data: bytes, cfg: DataConfig, rng: np.random.Generator) -> n
     elif cfg.color_jitter > 0:
         pixels = np.asarray(color_jitter(Image.fromarray(np.ascontiguousarray(pixels)),
                                          cfg.color_jitter, rng))
-    if rng.random() < cfg.reprob:
-        pixels = random_erase(pixels, rng)
     return pixels
 
 
@@ -112,28 +110,3 @@ def color_jitter(image: Image.Image, strength: float, rng: np.random.Generator) 
         factor = rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength)
         image = enhancers[index](image).enhance(factor)
     return image
-
-
-def random_erase(pixels: np.ndarray, rng: np.random.Generator,
-                 area: tuple[float, float] = (0.02, 1.0 / 3.0),
-                 log_ratio: tuple[float, float] = (math.log(0.3), math.log(1.0 / 0.3))
-                 ) -> np.ndarray:
-    """Replace one random rectangle (area fraction in ``area``) by per-pixel uniform noise.
-
-    The noise is uniform uint8, which after normalisation plays the role of the per-pixel Gaussian
-    noise of the usual 'pixel' mode applied to normalised tensors.
-    """
-    height, width = pixels.shape[:2]
-    for _ in range(10):
-        target = height * width * rng.uniform(*area)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        erase_h = int(round(math.sqrt(target * aspect)))
-        erase_w = int(round(math.sqrt(target / aspect)))
-        if 0 < erase_h < height and 0 < erase_w < width:
-            top = int(rng.integers(0, height - erase_h + 1))
-            left = int(rng.integers(0, width - erase_w + 1))
-            pixels = pixels.copy()
-            pixels[top:top + erase_h, left:left + erase_w] = rng.integers(
-                0, 256, (erase_h, erase_w, pixels.shape[2]), dtype=np.uint8)
-            return pixels
-    return pixels

@@ -1,4 +1,5 @@
-"""DeviceTransform: normalisation, label smoothing, Mixup/CutMix among class rows only."""
+"""DeviceTransform: normalisation, random erasing, label smoothing, Mixup/CutMix among class rows
+only."""
 import numpy as np
 import pytest
 import torch
@@ -18,7 +19,7 @@ def make_batch(seed=0, rows=8, size=8):
 
 def config(**overrides):
     values = dict(train_sources=[SourceConfig("x", "x.tar")], label_smoothing=0.1, mixup=0.8,
-                  cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5)
+                  cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, reprob=0.0)
     values.update(overrides)
     return DataConfig(**values)
 
@@ -94,6 +95,41 @@ def test_a_seeded_generator_makes_the_transform_reproducible():
     assert not all(torch.equal(runs[0], other) for other in runs[2:])
     fixed = DeviceTransform(config(), K, generator=torch.Generator().manual_seed(5))
     assert torch.equal(fixed(make_batch())["target"], runs[0])
+
+
+def test_random_erasing_fills_one_box_per_chosen_image_with_unit_normal_noise():
+    batch = make_batch(rows=8, size=64)
+    batch["image"][:] = 128
+    transform = DeviceTransform(config(reprob=1.0, mixup_prob=0.0), K)
+    out = transform(batch, generator=torch.Generator().manual_seed(0))
+    plain = DeviceTransform(config(mixup_prob=0.0), K)(batch, generator=torch.Generator())
+    noise = []
+    for row in range(8):
+        changed = (out["image"][row] != plain["image"][row]).any(dim=0).nonzero()
+        rows, cols = changed[:, 0], changed[:, 1]
+        height = int(rows.max() - rows.min() + 1)
+        width = int(cols.max() - cols.min() + 1)
+        assert 0.02 * 64 * 64 * 0.9 <= height * width <= 64 * 64 / 3 * 1.1
+        assert len(changed) == height * width  # one filled rectangle
+        box = out["image"][row, :, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        noise.append(box.flatten())
+    noise = torch.cat(noise)
+    assert abs(noise.mean().item()) < 0.05 and abs(noise.std().item() - 1.0) < 0.05
+    assert torch.equal(out["target"], plain["target"])  # erasing leaves the targets alone
+
+
+def test_random_erasing_rate_follows_reprob_and_is_off_in_eval():
+    batch = make_batch(rows=8, size=32)
+    erased = 0
+    for seed in range(50):
+        out = DeviceTransform(config(reprob=0.25, mixup_prob=0.0), K)(
+            batch, generator=torch.Generator().manual_seed(seed))
+        plain = DeviceTransform(config(mixup_prob=0.0), K)(batch, generator=torch.Generator())
+        erased += int((out["image"] != plain["image"]).flatten(1).any(dim=1).sum())
+    assert 0.18 < erased / 400 < 0.32
+    evaluated = DeviceTransform(config(reprob=1.0), K, eval=True)(batch)
+    np.testing.assert_allclose(evaluated["image"].numpy(), reference_normalise(batch["image"]),
+                               atol=1e-5)
 
 
 def test_labels_beyond_the_head_are_rejected():
