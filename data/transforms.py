@@ -21,6 +21,11 @@ from .config import DataConfig
 from .decode import Box, EncodedImage
 from .randaugment import rand_augment
 
+try:
+    _AA_BICUBIC_OUT = torch.ops.aten._upsample_bicubic2d_aa.out
+except (AttributeError, RuntimeError):  # a torch without the out= overload: F.interpolate
+    _AA_BICUBIC_OUT = None
+
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
@@ -72,10 +77,24 @@ def decode_crop_resize(data: bytes, box_fn, size: int) -> np.ndarray:
     want = (math.ceil(width * size / box[2]), math.ceil(height * size / box[3]))
     decoded = encoded.decode_region(box, want)
     # (h, w, 3) memory seen as (1, 3, h, w): channels-last, which the uint8 kernel is fast on.
-    region = torch.from_numpy(decoded).permute(2, 0, 1)[None]
-    resized = F.interpolate(region, size=(size, size), mode="bicubic", antialias=True,
-                            align_corners=False)
-    return resized[0].permute(1, 2, 0).numpy()
+    return resize_bicubic_hwc(torch.from_numpy(decoded).permute(2, 0, 1)[None], size)
+
+
+def resize_bicubic_hwc(region: torch.Tensor, size: int) -> np.ndarray:
+    """uint8 (1, 3, h, w) -> uint8 (size, size, 3) contiguous: antialiased bicubic (PIL's filter).
+
+    ``F.interpolate`` answers in planar layout whatever the input's; asking the same ATen kernel
+    to write into a channels-last output gives HWC rows directly: 0.21 ms for 300x320 -> 224 here,
+    against 0.36 ms planar plus 0.13-0.28 ms to transpose back for the batch.
+    """
+    # From numpy's heap, which malloc recycles; torch.empty maps fresh pages for each image.
+    hwc = torch.from_numpy(np.empty((1, size, size, 3), np.uint8))
+    if _AA_BICUBIC_OUT is not None:
+        _AA_BICUBIC_OUT(region, [size, size], False, None, None, out=hwc.permute(0, 3, 1, 2))
+    else:
+        hwc.copy_(F.interpolate(region, size=(size, size), mode="bicubic", antialias=True,
+                                align_corners=False).permute(0, 2, 3, 1))
+    return hwc[0].numpy()
 
 
 def train_transform(data: bytes, cfg: DataConfig, rng: np.random.Generator) -> np.ndarray:

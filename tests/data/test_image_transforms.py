@@ -182,3 +182,20 @@ def test_images_over_the_pixel_limit_are_refused(monkeypatch, use_simplejpeg):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the photo has 40 x 32 = 1280 pixels
     with pytest.raises(decode.IMAGE_ERRORS):
         decode.EncodedImage(photo(width=40, height=32))
+
+
+@pytest.mark.parametrize("use_out_overload", [True, False])
+def test_bicubic_resize_writes_contiguous_rows_equal_to_interpolate(monkeypatch, use_out_overload):
+    import torch
+    import torch.nn.functional as F
+
+    from internimage.data import transforms
+
+    if not use_out_overload:
+        monkeypatch.setattr(transforms, "_AA_BICUBIC_OUT", None)
+    pixels = np.random.default_rng(0).integers(0, 256, (97, 130, 3), dtype=np.uint8)
+    region = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+    resized = transforms.resize_bicubic_hwc(region, 48)
+    expected = F.interpolate(region, size=(48, 48), mode="bicubic", antialias=True)
+    assert resized.shape == (48, 48, 3) and resized.flags["C_CONTIGUOUS"]
+    assert np.array_equal(resized, expected[0].permute(1, 2, 0).numpy())
