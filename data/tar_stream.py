@@ -24,6 +24,7 @@ DATALESS_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directo
 GNU_LONG_NAME, GNU_LONG_LINK, PAX_MEMBER, PAX_GLOBAL = b"L", b"K", b"x", b"g"
 POSIX_MAGIC = b"ustar\0"
 SKIP_CHUNK = 1 << 20  # skipped members are read and dropped in pieces, never held whole
+MAX_META_SIZE = 1 << 20  # pax / long-name headers are a few hundred bytes; refuse absurd ones
 
 COMPRESSED = ((b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw)), (b"BZh", bz2.BZ2File),
               (b"\xfd7zXZ\0", lzma.LZMAFile))
@@ -58,6 +59,9 @@ def iter_tar_files(stream: IO[bytes], wanted: Callable[[str], bool]
             return
         name, size, kind = _parse_header(block)
         if kind in (GNU_LONG_NAME, PAX_MEMBER, PAX_GLOBAL, GNU_LONG_LINK):
+            if size > MAX_META_SIZE:
+                raise TarFormatError(f"tar {kind.decode()!r} header of {size} bytes (at most "
+                                     f"{MAX_META_SIZE}): not a real archive")
             data = _read_member(stream, size, keep=True)
             if kind == GNU_LONG_NAME:
                 long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")

@@ -95,6 +95,18 @@ def test_damage_raises_after_every_complete_file_before_it(damage, message):
     assert seen == [name for name, _ in MEMBERS[:len(seen)]]
 
 
+def test_an_absurd_long_name_header_is_refused_before_it_is_read():
+    block = bytearray(512)
+    block[:13] = b"././@LongLink"
+    block[124:136] = b"%011o\0" % (1 << 32)  # a 4 GiB "name"
+    block[156:157] = b"L"
+    block[148:156] = b"        "
+    block[148:156] = b"%06o\0 " % sum(block)
+    assert len(block) == 512
+    with pytest.raises(TarFormatError, match="header of 4294967296 bytes"):
+        ours(bytes(block) + bytes(1024))
+
+
 def test_numbers_in_octal_and_gnu_base_256():
     assert _number(b"0000644\0") == 0o644
     assert _number(b"     17 ") == 0o17
