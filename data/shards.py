@@ -137,7 +137,10 @@ def iter_samples(url: str, counter: SkipCounter) -> Iterator[RawSample]:
                 yielded += 1
         except (TarFormatError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
             failed = True
-            reason = TRUNCATED_TAR if yielded or current is not None else OPEN_FAILED
+            # A tar whose first member is already damaged is truncated too; a stream with no
+            # valid header at all is not a tar (or cannot be opened as one).
+            started = yielded or current is not None or getattr(error, "headers_read", 0) > 0
+            reason = TRUNCATED_TAR if started else OPEN_FAILED
             counter.skip(reason, url, error)
     finally:
         stream.close()

@@ -6,8 +6,9 @@ samples/s, so that alone was ~10% of a core. Here a header costs one checksum an
 
 Formats read: POSIX ustar (with the 155-byte name prefix), GNU (``L`` long names, base-256 sizes),
 pax (``x`` per-member ``path`` and ``size`` records; ``g`` global headers are skipped), and gzip,
-bzip2 or xz compression of the whole stream. Directories, links and devices are skipped. Anything
-else that does not parse raises ``TarFormatError``: a bad checksum, a header or data cut short, an
+bzip2 or xz compression of the whole stream. Directories, links and devices are skipped, and so,
+unread, is any file over ``MAX_KEPT_SIZE`` (no image or caption is that large). Anything else that
+does not parse raises ``TarFormatError``: a bad checksum or number, a header or data cut short, an
 archive that ends without its zero end block.
 """
 from __future__ import annotations
@@ -25,18 +26,45 @@ GNU_LONG_NAME, GNU_LONG_LINK, PAX_MEMBER, PAX_GLOBAL = b"L", b"K", b"x", b"g"
 POSIX_MAGIC = b"ustar\0"
 SKIP_CHUNK = 1 << 20  # skipped members are read and dropped in pieces, never held whole
 MAX_META_SIZE = 1 << 20  # pax / long-name headers are a few hundred bytes; refuse absurd ones
+MAX_KEPT_SIZE = 1 << 28
+MAX_SIZE = 1 << 62  # any larger size field is damage, not data
 
 COMPRESSED = ((b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw)), (b"BZh", bz2.BZ2File),
               (b"\xfd7zXZ\0", lzma.LZMAFile))
 
 
 class TarFormatError(ValueError):
-    """The bytes are not (or no longer) a valid tar archive."""
+    """The bytes are not (or no longer) a valid tar archive. ``headers_read``: how many valid
+    member headers came before the damage (0: the stream was never a tar)."""
+
+    headers_read = 0
+
+
+class _Prefixed:
+    """A read-only stream: ``head`` (bytes already read), then the rest of ``stream``."""
+
+    def __init__(self, head: bytes, stream: IO[bytes]):
+        self.head, self.stream = head, stream
+
+    def read(self, count: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(count)
+        if count < 0:
+            data, self.head = self.head + self.stream.read(), b""
+            return data
+        data, self.head = self.head[:count], self.head[count:]
+        return data + (self.stream.read(count - len(data)) if count > len(data) else b"")
 
 
 def open_decompressed(stream: IO[bytes]) -> IO[bytes]:
     """``stream``, or a decompressing view of it when it starts with a gzip/bzip2/xz magic."""
-    head = stream.peek(6)[:6] if hasattr(stream, "peek") else b""
+    head = b""
+    while len(head) < 6:  # a pipe may hand over its first bytes in small pieces
+        more = stream.read(6 - len(head))
+        if not more:
+            break
+        head += more
+    stream = _Prefixed(head, stream)
     for magic, opener in COMPRESSED:
         if head.startswith(magic):
             return opener(stream)
@@ -47,10 +75,23 @@ def iter_tar_files(stream: IO[bytes], wanted: Callable[[str], bool]
                    ) -> Iterator[tuple[str, bytes | None]]:
     """Yield (name, data) for each regular file of the tar in ``stream``, in archive order.
 
-    ``data`` is the content when ``wanted(name)``, else None (read past unkept). Raises
+    ``data`` is the content when ``wanted(name)`` and the file is at most ``MAX_KEPT_SIZE``
+    bytes, else None (read past unkept). Raises
     ``TarFormatError`` where the archive is damaged, after yielding every file before the damage.
     """
     stream = open_decompressed(stream)
+    headers_read = 0
+    try:
+        for item in _iter_files(stream, wanted):
+            headers_read += 1
+            yield item
+    except TarFormatError as error:
+        error.headers_read = headers_read + getattr(error, "headers_read", 0)
+        raise
+
+
+def _iter_files(stream: IO[bytes], wanted: Callable[[str], bool]
+                ) -> Iterator[tuple[str, bytes | None]]:
     long_name: str | None = None
     pax: dict[bytes, bytes] = {}
     while True:
@@ -58,29 +99,36 @@ def iter_tar_files(stream: IO[bytes], wanted: Callable[[str], bool]
         if block == ZERO_BLOCK:
             return
         name, size, kind = _parse_header(block)
-        if kind in (GNU_LONG_NAME, PAX_MEMBER, PAX_GLOBAL, GNU_LONG_LINK):
-            if size > MAX_META_SIZE:
-                raise TarFormatError(f"tar {kind.decode()!r} header of {size} bytes (at most "
-                                     f"{MAX_META_SIZE}): not a real archive")
-            data = _read_member(stream, size, keep=True)
-            if kind == GNU_LONG_NAME:
-                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            elif kind == PAX_MEMBER:
-                pax = _pax_records(data)
-            continue
-        if b"path" in pax:
-            name = pax[b"path"].decode("utf-8", "surrogateescape")
-        elif long_name is not None:
-            name = long_name
-        if b"size" in pax:
-            size = int(pax[b"size"])
-        long_name, pax = None, {}
-        if kind not in REGULAR_TYPES:
-            # As tarfile: these types never have data; unknown ones skip their stated size.
-            _read_member(stream, 0 if kind in DATALESS_TYPES else size, keep=False)
-            continue
-        keep = wanted(name)
-        yield name, _read_member(stream, size, keep)
+        try:
+            if kind in (GNU_LONG_NAME, PAX_MEMBER, PAX_GLOBAL, GNU_LONG_LINK):
+                if size > MAX_META_SIZE:
+                    raise TarFormatError(f"tar {kind.decode()!r} header of {size} bytes (at most "
+                                         f"{MAX_META_SIZE}): not a real archive")
+                data = _read_member(stream, size, keep=True)
+                if kind == GNU_LONG_NAME:
+                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                elif kind == PAX_MEMBER:
+                    pax = _pax_records(data)
+                continue
+            if b"path" in pax:
+                name = pax[b"path"].decode("utf-8", "surrogateescape")
+            elif long_name is not None:
+                name = long_name
+            if b"size" in pax:
+                size = _pax_size(pax[b"size"])
+            long_name, pax = None, {}
+            if kind not in REGULAR_TYPES or name.endswith("/"):
+                # As tarfile: these types never have data (an old-style directory is a regular
+                # entry whose name ends in "/"); unknown types skip their stated size.
+                dataless = kind in DATALESS_TYPES or name.endswith("/")
+                _read_member(stream, 0 if dataless else size, keep=False)
+                continue
+            keep = size <= MAX_KEPT_SIZE and wanted(name)
+            data = _read_member(stream, size, keep)
+        except TarFormatError as error:
+            error.headers_read = 1  # this member's header was valid; the damage is after it
+            raise
+        yield name, data
 
 
 def _parse_header(block: bytes) -> tuple[str, int, bytes]:
@@ -103,7 +151,10 @@ def _parse_header(block: bytes) -> tuple[str, int, bytes]:
 def _number(field: bytes) -> int:
     """A numeric header field: NUL/space-terminated octal, or GNU base-256 (first byte 0x80)."""
     if field[0] == 0x80:
-        return int.from_bytes(field[1:], "big")
+        value = int.from_bytes(field[1:], "big")
+        if value > MAX_SIZE:
+            raise TarFormatError(f"number {value} in a tar header is beyond any real size")
+        return value
     if field[0] & 0x80:
         raise TarFormatError(f"negative or unsupported binary number in a tar header: {field!r}")
     digits = field.split(b"\0", 1)[0].strip()
@@ -111,6 +162,12 @@ def _number(field: bytes) -> int:
         return int(digits, 8) if digits else 0
     except ValueError:
         raise TarFormatError(f"bad number in a tar header: {field!r}") from None
+
+
+def _pax_size(text: bytes) -> int:
+    if not text.isdigit() or int(text) > MAX_SIZE:
+        raise TarFormatError(f"bad pax size record {text[:40]!r}")
+    return int(text)
 
 
 def _pax_records(data: bytes) -> dict[bytes, bytes]:

@@ -14,7 +14,9 @@
  * clamped neighbour instead of the real one: the region's pixels equal those of a full decode.
  *
  * Strict: a libjpeg warning (corrupt data, premature end) raises like an error, so the caller can
- * hand doubtful files to a more forgiving decoder. The GIL is released while decoding.
+ * hand doubtful files to a more forgiving decoder. What the data causes (corrupt or unsupported
+ * files) raises _jpeg.JPEGError; a malformed request (bad arguments) raises plain ValueError, so a
+ * caller's bug is never mistaken for a bad file. The GIL is released while decoding.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -26,8 +28,10 @@
 
 #include <jpeglib.h>
 
-#if !defined(LIBJPEG_TURBO_VERSION_NUMBER) || LIBJPEG_TURBO_VERSION_NUMBER < 1005000
-#error "internimage.data._jpeg needs libjpeg-turbo >= 1.5 (jpeg_crop_scanline, jpeg_skip_scanlines)"
+/* jpeg_crop_scanline and jpeg_skip_scanlines arrived in 1.5, and several of their crash fixes only
+ * in 2.0 and 2.1: older systems build no extension and decode whole images with simplejpeg. */
+#if !defined(LIBJPEG_TURBO_VERSION_NUMBER) || LIBJPEG_TURBO_VERSION_NUMBER < 2001000
+#error "internimage.data._jpeg needs libjpeg-turbo >= 2.1"
 #endif
 
 #define STRINGIFY_(x) #x
@@ -93,8 +97,8 @@ static int decode_region(const Region *region, char *message) {
     cinfo.scale_denom = (unsigned int)region->reduction;
     jpeg_start_decompress(&cinfo);
     if (cinfo.output_components != CHANNELS ||
-        region->left + region->width > cinfo.output_width ||
-        region->top + region->height > cinfo.output_height) {
+        (unsigned long long)region->left + region->width > cinfo.output_width ||
+        (unsigned long long)region->top + region->height > cinfo.output_height) {
         snprintf(message, JMSG_LENGTH_MAX,
                  "region %ux%u+%u+%u outside the %ux%u image decoded at 1/%d",
                  region->width, region->height, region->left, region->top, cinfo.output_width,
@@ -139,6 +143,7 @@ static int decode_region(const Region *region, char *message) {
                    row_bytes);
     }
     free(row);
+    row = NULL;
     jpeg_abort_decompress(&cinfo); /* the rows below the region are never decoded */
     jpeg_destroy_decompress(&cinfo);
     return 0;
@@ -149,29 +154,36 @@ PyDoc_STRVAR(decode_region_doc,
 "Decode the region [left, left+width) x [top, top+height) of the JPEG `data` at DCT scale\n"
 "1/reduction (1, 2, 4 or 8) into `out`, a writable C-contiguous buffer of height*width*3 bytes\n"
 "(uint8 RGB, rows first). Coordinates are pixels of the scaled image, whose size is\n"
-"ceil(original / reduction). Raises ValueError on corrupt data, libjpeg warnings included.");
+"ceil(original / reduction). Raises JPEGError (a ValueError) for what the file causes: corrupt\n"
+"data, libjpeg warnings included, an unsupported colour space, a region outside the decoded\n"
+"image; plain ValueError for malformed arguments.");
+
+static PyObject *JPEGError = NULL;
 
 static PyObject *py_decode_region(PyObject *, PyObject *args) {
     Py_buffer data, out;
     int reduction;
-    unsigned int left, top, width, height;
-    if (!PyArg_ParseTuple(args, "y*iIIIIw*", &data, &reduction, &left, &top, &width, &height,
+    Py_ssize_t left, top, width, height;
+    if (!PyArg_ParseTuple(args, "y*innnnw*", &data, &reduction, &left, &top, &width, &height,
                           &out))
         return NULL;
     PyObject *result = NULL;
     char message[JMSG_LENGTH_MAX];
+    const Py_ssize_t limit = JPEG_MAX_DIMENSION;
     if (reduction != 1 && reduction != 2 && reduction != 4 && reduction != 8) {
         PyErr_Format(PyExc_ValueError, "reduction must be 1, 2, 4 or 8, got %d", reduction);
-    } else if (width == 0 || height == 0) {
-        PyErr_SetString(PyExc_ValueError, "empty region");
-    } else if (!PyBuffer_IsContiguous(&out, 'C') ||
-               (size_t)out.len != (size_t)width * height * CHANNELS) {
-        PyErr_Format(PyExc_ValueError, "out must be C-contiguous with %zu bytes, has %zd",
-                     (size_t)width * height * CHANNELS, out.len);
+    } else if (left < 0 || top < 0 || width <= 0 || height <= 0 || left > limit || top > limit ||
+               width > limit || height > limit) {
+        PyErr_Format(PyExc_ValueError,
+                     "region %zdx%zd+%zd+%zd: need left, top >= 0 and width, height >= 1, "
+                     "all at most %zd", width, height, left, top, limit);
+    } else if (!PyBuffer_IsContiguous(&out, 'C') || out.len != width * height * CHANNELS) {
+        PyErr_Format(PyExc_ValueError, "out must be C-contiguous with %zd bytes, has %zd",
+                     width * height * CHANNELS, out.len);
     } else {
         Region region = {static_cast<const unsigned char *>(data.buf), (size_t)data.len,
-                         reduction, left, top, width, height,
-                         static_cast<unsigned char *>(out.buf)};
+                         reduction, (JDIMENSION)left, (JDIMENSION)top, (JDIMENSION)width,
+                         (JDIMENSION)height, static_cast<unsigned char *>(out.buf)};
         int status;
         Py_BEGIN_ALLOW_THREADS
         status = decode_region(&region, message);
@@ -180,7 +192,7 @@ static PyObject *py_decode_region(PyObject *, PyObject *args) {
             result = Py_None;
             Py_INCREF(result);
         } else {
-            PyErr_SetString(PyExc_ValueError, message);
+            PyErr_SetString(JPEGError, message);
         }
     }
     PyBuffer_Release(&data);
@@ -201,6 +213,26 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__jpeg(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL) PyModule_AddStringConstant(m, "LIBJPEG_TURBO_VERSION", STRINGIFY(LIBJPEG_TURBO_VERSION));
+    if (m == NULL) return NULL;
+    JPEGError = PyErr_NewExceptionWithDoc(
+        "internimage.data._jpeg.JPEGError",
+        "The JPEG could not be decoded here: corrupt, truncated, or an unsupported kind.",
+        PyExc_ValueError, NULL);
+    if (JPEGError == NULL) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(JPEGError); /* one reference for the global above, one given to the module */
+    if (PyModule_AddObject(m, "JPEGError", JPEGError) < 0) {
+        Py_DECREF(JPEGError);
+        Py_CLEAR(JPEGError);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddStringConstant(m, "LIBJPEG_TURBO_VERSION",
+                                   STRINGIFY(LIBJPEG_TURBO_VERSION)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

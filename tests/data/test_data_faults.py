@@ -116,3 +116,14 @@ def test_shards_without_the_expected_labels_stop_with_a_hint(tmp_path):
                        shuffle_buffer=1)
     with pytest.raises(RuntimeError, match=r"all failed to decode.*missing_key.*\.txt"):
         take(build_train_loader(cfg, 0, 1), 1)
+
+
+def test_a_tar_cut_inside_its_first_member_counts_as_truncated_not_unopenable(tmp_path):
+    with ShardWriter(str(tmp_path), "one", max_samples=10) as writer:
+        writer.write(Sample("k0", jpeg_bytes(0), "jpg", label=0))
+    full = tmp_path / "one-000000.tar"
+    cut = tmp_path / "cut-000000.tar"
+    cut.write_bytes(full.read_bytes()[:700])  # the first header, then part of its data
+    counter = SkipCounter()
+    assert list(iter_samples(str(cut), counter)) == []
+    assert counter.counts["truncated_tar"] == 1 and counter.counts["open_failed"] == 0

@@ -78,12 +78,12 @@ def test_bad_requests_are_value_errors_that_say_what_is_wrong():
     data = photo_jpeg()
     with pytest.raises(ValueError, match="reduction must be 1, 2, 4 or 8"):
         region(data, 3, 0, 0, 4, 4)
-    with pytest.raises(ValueError, match="outside the 203x151 image"):
-        region(data, 1, 200, 0, 4, 4)
-    with pytest.raises(ValueError, match="outside the 102x76 image decoded at 1/2"):
-        region(data, 2, 0, 70, 10, 10)
-    with pytest.raises(ValueError, match="empty region"):
-        region(data, 1, 0, 0, 0, 4)
+    for left, top, width, height in [(-16, 0, 4, 4), (0, -1, 4, 4), (0, 0, 0, 4),
+                                     (2**32 - 1, 0, 4, 4), (0, 2**32 - 1, 4, 2)]:
+        out = np.empty(max(width * height * 3, 1), np.uint8)
+        with pytest.raises(ValueError, match="need left, top >= 0") as caught:
+            jpeg.decode_region(data, 1, left, top, width, height, out)
+        assert not isinstance(caught.value, jpeg.JPEGError)  # a caller's bug, not a bad file
     with pytest.raises(ValueError, match="out must be C-contiguous with 48 bytes"):
         jpeg.decode_region(data, 1, 0, 0, 4, 4, np.empty(47, np.uint8))
     with pytest.raises(TypeError):
@@ -91,12 +91,21 @@ def test_bad_requests_are_value_errors_that_say_what_is_wrong():
 
 
 @needs_region_decoder
+def test_a_region_beyond_the_image_is_a_jpeg_error_naming_both_sizes():
+    data = photo_jpeg()
+    with pytest.raises(jpeg.JPEGError, match="outside the 203x151 image"):
+        region(data, 1, 200, 0, 4, 4)
+    with pytest.raises(jpeg.JPEGError, match="outside the 102x76 image decoded at 1/2"):
+        region(data, 2, 0, 70, 10, 10)
+
+
+@needs_region_decoder
 @pytest.mark.parametrize("damage", ["random bytes", "cut in half", "cut in the header"])
-def test_damaged_files_raise_value_error(damage):
+def test_damaged_files_raise_jpeg_error(damage):
     data = photo_jpeg()
     broken = {"random bytes": os.urandom(2000), "cut in half": data[: len(data) // 2],
               "cut in the header": data[:100]}[damage]
-    with pytest.raises(ValueError):
+    with pytest.raises(jpeg.JPEGError):
         region(broken, 1, 0, 0, 203, 151)
 
 
@@ -120,16 +129,25 @@ def test_cmyk_falls_back_to_pil_with_the_same_crop(monkeypatch):
 
 
 @needs_region_decoder
-def test_truncated_file_is_still_refused_through_the_fallbacks():
+@pytest.mark.parametrize("box", [(0, 0, 300, 300), (0, 0, 300, 40)])
+def test_truncated_file_is_refused_whatever_the_crop(box):
+    """Even when the crop lies above the cut: the verdict on a file never depends on the crop."""
     data = photo_jpeg(width=300, height=300)
     with pytest.raises(decode.IMAGE_ERRORS):
-        decode.EncodedImage(data[: len(data) // 2]).decode_region((0, 0, 300, 300))
+        decode.EncodedImage(data[: len(data) // 2]).decode_region(box)
 
 
 @needs_region_decoder
 @pytest.mark.parametrize("size", [64, 224])
 def test_crop_resize_is_identical_with_and_without_the_region_decoder(monkeypatch, size):
     data = photo_jpeg(width=500, height=375)
+    decoded, decode_region = [], jpeg.decode_region
+
+    def counting_decode_region(*args):
+        decode_region(*args)
+        decoded.append(args[2:6])
+
+    monkeypatch.setattr(jpeg, "decode_region", counting_decode_region)
     for seed in range(8):
         def box(w, h, seed=seed):
             return random_resized_crop_box(w, h, (0.08, 1.0), (3 / 4, 4 / 3),
@@ -139,6 +157,7 @@ def test_crop_resize_is_identical_with_and_without_the_region_decoder(monkeypatc
         monkeypatch.setattr(decode, "USE_REGION_DECODER", False)
         whole = decode_crop_resize(data, box, size)
         assert np.array_equal(fast, whole), seed
+    assert len(decoded) == 8  # the region decoder really ran, every time
 
 
 def test_unknown_decoder_choice_names_the_valid_ones(monkeypatch):

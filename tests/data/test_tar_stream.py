@@ -76,23 +76,54 @@ def test_unwanted_members_are_skipped_unread():
     assert all(content is None for name, content in result if not name.endswith(".cls"))
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda d: d[:700], "data cut"),
-    (lambda d: d[:512 + 100], "data cut"),
-    (lambda d: d[:100], "header cut"),
-    (lambda d: d.rstrip(b"\0") + bytes(-len(d.rstrip(b"\0")) % 512), "end-of-archive"),
-    (lambda d: d[:148] + b"7777777\0" + d[156:], "not a tar"),
-    (lambda d: b"not a tar archive " * 60, "not a tar"),
+@pytest.mark.parametrize("damage,message,complete,headers", [
+    (lambda d: d[:700], "data cut", 0, 1),
+    (lambda d: d[:512 + 100], "data cut", 0, 1),
+    (lambda d: d[:3072 + 1], "data cut", 1, 2),  # inside the second member's data
+    (lambda d: d[:100], "header cut", 0, 0),
+    (lambda d: d.rstrip(b"\0") + bytes(-len(d.rstrip(b"\0")) % 512), "end-of-archive", 2, 2),
+    (lambda d: d[:148] + b"7777777\0" + d[156:], "not a tar", 0, 0),
+    (lambda d: b"not a tar archive " * 60, "not a tar", 0, 0),
 ])
-def test_damage_raises_after_every_complete_file_before_it(damage, message):
+def test_damage_raises_after_every_complete_file_before_it(damage, message, complete, headers):
     data = archive(tarfile.USTAR_FORMAT, MEMBERS[:2])
-    assert len(data) >= 2048  # two members, then the two zero end blocks
-    broken = damage(data)
+    assert len(data) >= 3584  # header, 1794 bytes padded, header, 2 bytes padded, end blocks
     seen = []
-    with pytest.raises(TarFormatError, match=message):
-        for name, _ in iter_tar_files(io.BytesIO(broken), lambda name: True):
+    with pytest.raises(TarFormatError, match=message) as caught:
+        for name, _ in iter_tar_files(io.BytesIO(damage(data)), lambda name: True):
             seen.append(name)
-    assert seen == [name for name, _ in MEMBERS[:len(seen)]]
+    assert seen == [name for name, _ in MEMBERS[:complete]]
+    assert caught.value.headers_read == headers  # valid headers before the damage
+
+
+def test_old_style_directories_are_skipped_and_oversized_files_left_unread(monkeypatch):
+    from internimage.data import tar_stream
+
+    data = archive(tarfile.USTAR_FORMAT, [("000001.jpg", b"x" * 600), ("000001.cls", b"3")])
+    header = bytearray(data[:512])  # a v7-style directory: a regular-file type, name ending "/"
+    header[:100] = b"photos/".ljust(100, b"\0")
+    header[124:136] = b"00000000000\0"
+    header[148:156] = b"        "
+    header[148:156] = b"%06o\0 " % sum(header)
+    monkeypatch.setattr(tar_stream, "MAX_KEPT_SIZE", 512)
+    assert ours(bytes(header) + data) == [("000001.jpg", None), ("000001.cls", b"3")]
+
+
+@pytest.mark.parametrize("record", [b"size=abc", b"size=-1", b"size=99999999999999999999999"])
+def test_bad_pax_sizes_are_format_errors(record):
+    line = b"%d %s\n" % (len(record) + 4, record)
+    assert len(line) == len(record) + 4  # the length counts itself (two digits here)
+    data = archive(tarfile.USTAR_FORMAT, [("a.txt", b"hello")])
+    pax = bytearray(512)
+    pax[:9] = b"PaxHeader"
+    pax[124:136] = b"%011o\0" % len(line)
+    pax[156:157] = b"x"
+    pax[257:263] = b"ustar\0"
+    pax[148:156] = b"        "
+    pax[148:156] = b"%06o\0 " % sum(pax)
+    broken = bytes(pax) + line.ljust(512, b"\0") + data
+    with pytest.raises(TarFormatError, match="bad pax size"):
+        ours(broken)
 
 
 def test_an_absurd_long_name_header_is_refused_before_it_is_read():
@@ -114,5 +145,7 @@ def test_numbers_in_octal_and_gnu_base_256():
     assert _number(b"\x80" + (12 * 2**33).to_bytes(11, "big")) == 12 * 2**33  # > 8 GiB sizes
     with pytest.raises(TarFormatError):
         _number(b"\xff" * 12)
+    with pytest.raises(TarFormatError, match="beyond any real size"):
+        _number(b"\x80" + b"\xff" * 11)
     with pytest.raises(TarFormatError):
         _number(b"12x4\0\0\0\0")
