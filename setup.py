@@ -9,7 +9,7 @@ against): ``internimage.ops._cpu`` whenever a C++ compiler works, ``internimage.
 torch has CUDA and nvcc is found (``TORCH_CUDA_ARCH_LIST``, default "8.0;9.0"). A failed or
 impossible kernel build only warns: the package then runs the pure-PyTorch reference.
 ``internimage.data._jpeg`` (region-of-interest JPEG decoding) links the system libjpeg-turbo
-(>= 1.5; Debian/Ubuntu ``libjpeg-dev``, RHEL ``libjpeg-turbo-devel``, conda ``libjpeg-turbo``);
+(>= 2.1; Debian/Ubuntu ``libjpeg-dev``, RHEL ``libjpeg-turbo-devel``, conda ``libjpeg-turbo``);
 without its headers the loader decodes whole images with simplejpeg instead.
 """
 import os

@@ -104,10 +104,10 @@ def round_rates(steps: dict, seconds: float, rounds: int) -> dict[str, list[floa
     return rates
 
 
-def best_rates(steps: dict, seconds: float, rounds: int) -> dict[str, float]:
+def best_rates(rates: dict[str, list[float]]) -> dict[str, float]:
     """Best round of each step: a neighbour's burst of load on a shared machine then favours no
     side."""
-    return {name: max(values) for name, values in round_rates(steps, seconds, rounds).items()}
+    return {name: max(values) for name, values in rates.items()}
 
 
 def paired_speedup(rates: dict[str, list[float]], name: str) -> float:
@@ -139,13 +139,13 @@ def run(workers: int, images: int, size: int, batch_size: int, seconds: float,
             "loader_1core": loader_step(pattern, size, batch_size, 0, False),
             "loader_1core_randaugment": loader_step(pattern, size, batch_size, 0, True),
         }, seconds, rounds)
-        result.update({name: max(values) for name, values in rates.items()})
+        result.update(best_rates(rates))
         if workers > 0:
-            totals = best_rates({
+            totals = best_rates(round_rates({
                 "loader_workers": loader_step(pattern, size, batch_size, workers, False),
                 "loader_workers_randaugment": loader_step(pattern, size, batch_size, workers,
                                                           True),
-            }, seconds, rounds)
+            }, seconds, rounds))
             for key, total in totals.items():
                 result[key] = {"workers": workers, "total": total, "per_worker": total / workers}
     result["speedup_vs_baseline"] = paired_speedup(rates, "loader_1core")

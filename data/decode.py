@@ -88,8 +88,9 @@ def _decoder_choice() -> str:
     return choice
 
 
-USE_REGION_DECODER = _jpeg is not None and _decoder_choice() in ("auto", "region")
-USE_SIMPLEJPEG = simplejpeg is not None and _decoder_choice() in ("auto", "simplejpeg", "region")
+_CHOICE = _decoder_choice()
+USE_REGION_DECODER = _jpeg is not None and _CHOICE in ("auto", "region")
+USE_SIMPLEJPEG = simplejpeg is not None and _CHOICE in ("auto", "simplejpeg", "region")
 Box = tuple[float, float, float, float]  # left, top, width, height in source pixels
 
 
@@ -99,6 +100,11 @@ def jpeg_reduction(width: int, height: int, want: tuple[int, int] | None) -> int
         return 1
     ratio = min(width // max(1, want[0]), height // max(1, want[1]))
     return next(r for r in (8, 4, 2, 1) if ratio >= r or r == 1)
+
+
+def scaled_size(width: int, height: int, reduction: int) -> tuple[int, int]:
+    """Size of a JPEG decoded at DCT scale 1/reduction (libjpeg rounds up)."""
+    return -(-width // reduction), -(-height // reduction)
 
 
 def jpeg_decoder_name() -> str:
@@ -154,8 +160,7 @@ class EncodedImage:
         # file without its end marker goes to the full decoders, which refuse it whatever the crop.
         if USE_REGION_DECODER and is_jpeg and self.data.endswith(JPEG_END):
             reduction = jpeg_reduction(*self.size, want)
-            scaled = (-(-self.size[0] // reduction), -(-self.size[1] // reduction))
-            x0, y0, x1, y1 = pixel_window(box, self.size, scaled)
+            x0, y0, x1, y1 = pixel_window(box, self.size, scaled_size(*self.size, reduction))
             pixels = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
             try:
                 _jpeg.decode_region(self.data, reduction, x0, y0, x1 - x0, y1 - y0, pixels)
@@ -169,11 +174,10 @@ class EncodedImage:
     def decode_rgb(self, want: tuple[int, int] | None = None) -> np.ndarray:
         """uint8 (H', W', 3); JPEGs at the smallest DCT scale that keeps ``want`` (w, h) pixels."""
         if self._pil is None:
-            reduction = jpeg_reduction(*self.size, want)
+            min_width, min_height = scaled_size(*self.size, jpeg_reduction(*self.size, want))
             try:
-                return simplejpeg.decode_jpeg(
-                    self.data, colorspace="RGB", min_width=-(-self.size[0] // reduction),
-                    min_height=-(-self.size[1] // reduction))
+                return simplejpeg.decode_jpeg(self.data, colorspace="RGB", min_width=min_width,
+                                              min_height=min_height)
             except ValueError:
                 self._pil = open_image(self.data)  # PIL raises its own error if truly corrupt
         image = self._pil

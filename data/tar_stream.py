@@ -35,7 +35,7 @@ COMPRESSED = ((b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw)), (b"BZh", bz
 
 class TarFormatError(ValueError):
     """The bytes are not (or no longer) a valid tar archive. ``headers_read``: how many valid
-    member headers came before the damage (0: the stream was never a tar)."""
+    headers (pax and long-name ones included) came before the damage (0: never a tar)."""
 
     headers_read = 0
 
@@ -76,30 +76,20 @@ def iter_tar_files(stream: IO[bytes], wanted: Callable[[str], bool]
     """Yield (name, data) for each regular file of the tar in ``stream``, in archive order.
 
     ``data`` is the content when ``wanted(name)`` and the file is at most ``MAX_KEPT_SIZE``
-    bytes, else None (read past unkept). Raises
-    ``TarFormatError`` where the archive is damaged, after yielding every file before the damage.
+    bytes, else None (read past unkept). Raises ``TarFormatError`` where the archive is damaged,
+    after yielding every file before the damage.
     """
     stream = open_decompressed(stream)
-    headers_read = 0
-    try:
-        for item in _iter_files(stream, wanted):
-            headers_read += 1
-            yield item
-    except TarFormatError as error:
-        error.headers_read = headers_read + getattr(error, "headers_read", 0)
-        raise
-
-
-def _iter_files(stream: IO[bytes], wanted: Callable[[str], bool]
-                ) -> Iterator[tuple[str, bytes | None]]:
     long_name: str | None = None
     pax: dict[bytes, bytes] = {}
+    headers_read = 0
     while True:
-        block = _read_exactly(stream, BLOCK, "header")
-        if block == ZERO_BLOCK:
-            return
-        name, size, kind = _parse_header(block)
         try:
+            block = _read_exactly(stream, BLOCK, "header")
+            if block == ZERO_BLOCK:
+                return
+            name, size, kind = _parse_header(block)
+            headers_read += 1
             if kind in (GNU_LONG_NAME, PAX_MEMBER, PAX_GLOBAL, GNU_LONG_LINK):
                 if size > MAX_META_SIZE:
                     raise TarFormatError(f"tar {kind.decode()!r} header of {size} bytes (at most "
@@ -123,10 +113,9 @@ def _iter_files(stream: IO[bytes], wanted: Callable[[str], bool]
                 dataless = kind in DATALESS_TYPES or name.endswith("/")
                 _read_member(stream, 0 if dataless else size, keep=False)
                 continue
-            keep = size <= MAX_KEPT_SIZE and wanted(name)
-            data = _read_member(stream, size, keep)
+            data = _read_member(stream, size, size <= MAX_KEPT_SIZE and wanted(name))
         except TarFormatError as error:
-            error.headers_read = 1  # this member's header was valid; the damage is after it
+            error.headers_read = headers_read
             raise
         yield name, data
 
