@@ -1,8 +1,11 @@
 // Thin torch binding of the CUDA kernels in dcnv3_cuda_kernels.cuh: checks, allocation, stream,
-// dtype dispatch. The module is internimage.ops._cuda.
+// dtype dispatch. The module is internimage.ops._cuda. Built as C++ with DCNV3_CUDA_EMULATION
+// defined (tests/ops/test_cuda_emulated.py), the same binding runs the kernels on CPU tensors.
 #include <ATen/Context.h>
+#if !defined(DCNV3_CUDA_EMULATION)
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#endif
 #include <torch/extension.h>
 
 #include <limits>
@@ -13,6 +16,20 @@
 
 namespace dcnv3 {
 namespace {
+
+#if defined(DCNV3_CUDA_EMULATION)
+constexpr const char* kKernelDevice = "CPU (CUDA emulation)";
+bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+struct DeviceGuard {
+  explicit DeviceGuard(at::Device) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+#else
+constexpr const char* kKernelDevice = "CUDA";
+bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+#endif
 
 template <typename T>
 struct CudaType {
@@ -40,8 +57,8 @@ Shape checked_shape(const at::Tensor& value, const at::Tensor& offset, const at:
                     int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                     int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups,
                     double offset_scale, bool remove_center) {
-  TORCH_CHECK(value.is_cuda(), "dcnv3 CUDA kernel: value is on ", value.device(),
-              "; move the inputs to one CUDA device");
+  TORCH_CHECK(on_kernel_device(value), "dcnv3 CUDA kernel: value is on ", value.device(),
+              "; move the inputs to one ", kKernelDevice, " device");
   const Shape s = make_shape(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                              dilation_h, dilation_w, groups, offset_scale, remove_center);
   // Within one image the kernels index with 32-bit integers.
@@ -60,9 +77,9 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& offset, const at::
                    double offset_scale, bool remove_center) {
   const Shape s = checked_shape(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                 dilation_h, dilation_w, groups, offset_scale, remove_center);
-  const c10::cuda::CUDAGuard guard(value.device());
+  const DeviceGuard guard(value.device());
   auto out = at::empty({s.batch, s.height_out, s.width_out, s.channels()}, value.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "dcnv3_forward_cuda", [&] {
     check_launch(cuda::launch_forward(s, cuda_ptr<scalar_t>(value), cuda_ptr<scalar_t>(offset),
                                       cuda_ptr<scalar_t>(mask), cuda_mut_ptr<scalar_t>(out), stream),
@@ -87,8 +104,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& v
   at::globalContext().alertNotDeterministic(
       "internimage::dcnv3_core_backward on CUDA (atomic scatter into the value gradient); "
       "run the DCNv3 backward on the CPU for bitwise reproducibility");
-  const c10::cuda::CUDAGuard guard(value.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(value.device());
+  const cudaStream_t stream = current_stream();
   const bool reduced = value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
   // Offset and mask gradients are written in full by the kernel; only the scattered one is zeroed.
   auto grad_value_acc = at::zeros(value.sizes(), value.options().dtype(reduced ? at::kFloat : value.scalar_type()));

@@ -15,9 +15,16 @@
 // accumulating ~36 contributions per element in 8-bit mantissas loses too much.
 #pragma once
 
+#if defined(DCNV3_CUDA_EMULATION)  // a plain C++ build that runs the kernels on the CPU (tests)
+#include "cuda_emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+// kernel<<<grid, threads, shared_bytes, stream>>>, spelled so the emulation can replace it.
+#define DCNV3_LAUNCH(grid, threads, shared_bytes, stream, ...) __VA_ARGS__<<<grid, threads, shared_bytes, stream>>>
+#endif
 
 #include <cstdint>
 
@@ -80,7 +87,7 @@ __device__ __forceinline__ void store_from_acc(T* ptr, const typename Accumulate
 // architecture allows (vector float atomics exist from sm_90 on).
 template <int VEC>
 __device__ __forceinline__ void atomic_axpy(float* ptr, float weight, const float (&upstream)[VEC]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(DCNV3_CUDA_EMULATION)
   constexpr bool kVectorAtomics = true;
 #else
   constexpr bool kVectorAtomics = false;
@@ -294,7 +301,7 @@ cudaError_t launch_forward_vec(const Shape& s, const T* value, const T* offset, 
                                cudaStream_t stream) {
   const int64_t items = s.pixels_out() * s.groups;
   const int tpi_log2 = threads_per_item_log2(s.depth / VEC);
-  forward_kernel<T, VEC><<<grid_for(items << tpi_log2), kBlockThreads, 0, stream>>>(
+  DCNV3_LAUNCH(grid_for(items << tpi_log2), kBlockThreads, 0, stream, forward_kernel<T, VEC>)(
       s, value, offset, mask, out, tpi_log2, items);
   return cudaGetLastError();
 }
@@ -319,7 +326,7 @@ cudaError_t launch_backward_vec(const Shape& s, const T* grad_out, const T* valu
                                 T* grad_offset, T* grad_mask, cudaStream_t stream) {
   const int64_t items = s.pixels_out() * s.groups;
   const int tpi_log2 = threads_per_item_log2(s.depth / VEC);
-  backward_kernel<T, VEC><<<grid_for(items << tpi_log2), kBlockThreads, 0, stream>>>(
+  DCNV3_LAUNCH(grid_for(items << tpi_log2), kBlockThreads, 0, stream, backward_kernel<T, VEC>)(
       s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, tpi_log2, items);
   return cudaGetLastError();
 }
@@ -355,9 +362,9 @@ cudaError_t launch_cast(const typename Accumulate<T>::type* in, T* out, int64_t 
   const unsigned blocks = static_cast<unsigned>(threads < 65536 * int64_t{kBlockThreads}
                                                    ? grid_for(threads) : 65536);
   if (vectorised)
-    cast_kernel<T, kVec><<<blocks, kBlockThreads, 0, stream>>>(in, out, threads);
+    DCNV3_LAUNCH(blocks, kBlockThreads, 0, stream, cast_kernel<T, kVec>)(in, out, threads);
   else
-    cast_kernel<T, 1><<<blocks, kBlockThreads, 0, stream>>>(in, out, threads);
+    DCNV3_LAUNCH(blocks, kBlockThreads, 0, stream, cast_kernel<T, 1>)(in, out, threads);
   return cudaGetLastError();
 }
 

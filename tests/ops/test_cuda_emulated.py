@@ -1,0 +1,139 @@
+"""The CUDA kernels' logic, checked on every machine: ops/csrc/dcnv3_cuda.cu and its kernels built
+as plain C++ under the CUDA emulation (ops/csrc/cuda_emulation.h), which runs each CUDA thread as a
+fiber with real barriers and warp shuffles. Same cases and tolerances as the GPU tests
+(test_cuda_kernel.py); what only a GPU shows (speed, concurrent blocks) stays there.
+
+Needs a C++ compiler; CI (INTERNIMAGE_REQUIRE_FUSED_CPU=1) fails instead of skipping without one.
+"""
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from internimage import ops
+from internimage.ops import extension
+
+from ops_cases import PROBLEMS, Problem
+
+HERE = Path(__file__).resolve().parent
+CSRC = HERE.parents[1] / "ops" / "csrc"
+EMULATION = HERE / "cuda_emulation"
+
+
+def _require_compiler():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        if extension.require_fused_cpu():
+            pytest.fail("no C++ compiler: the CUDA emulation tests cannot run")
+        pytest.skip("no C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """internimage.ops._cuda's binding, its kernels running on CPU tensors (about 45 s to build)."""
+    _require_compiler()
+    from torch.utils import cpp_extension
+    return cpp_extension.load(name="dcnv3_cuda_emulated", sources=[str(EMULATION / "dcnv3_cuda_emulated.cpp")],
+                              extra_include_paths=[str(CSRC)], extra_cflags=["-O2", "-fno-strict-aliasing"],
+                              build_directory=str(tmp_path_factory.mktemp("cuda_emulation")))
+
+
+def _params(problem: Problem) -> tuple:
+    """The extension's flat parameters, in the order of ``internimage::dcnv3_core``."""
+    return (*problem.kernel, *problem.stride, *problem.pad, *problem.dilation, problem.groups,
+            problem.offset_scale, problem.remove_center)
+
+
+def _run(emulated, problem, inputs, grad_out):
+    out = emulated.forward(*inputs, *_params(problem))
+    return (out, *emulated.backward(grad_out, *inputs, *_params(problem)))
+
+
+def _exact(problem, inputs, grad_out):
+    leaves = [t.double().requires_grad_(True) for t in inputs]
+    out = ops.dcnv3_core_reference(*leaves, **problem.kwargs())
+    return (out, *torch.autograd.grad(out, leaves, grad_out.double()))
+
+
+def _grad_out(problem, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (problem.batch, *problem.out_hw, problem.groups * problem.depth)
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+LABELS = ("output", "grad value", "grad offset", "grad mask")
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_fp32_matches_reference(emulated, name):
+    problem, seed = PROBLEMS[name], zlib.crc32(name.encode())
+    inputs = problem.make(torch.float32, generator_seed=seed)
+    grad_out = _grad_out(problem, torch.float32, seed)
+    for label, got, want in zip(LABELS, _run(emulated, problem, inputs, grad_out), _exact(problem, inputs, grad_out)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name} {label}: {m}")
+
+
+# Every case but the 56×56 one, which takes 12 s in fp64 under the emulation (its fp32 run above
+# covers the same code path).
+@pytest.mark.parametrize("name", [name for name in PROBLEMS if name != "internimage_t_stage1"])
+def test_fp64_matches_reference_tightly(emulated, name):
+    problem = PROBLEMS[name]
+    inputs = problem.make(torch.float64, generator_seed=5)
+    grad_out = _grad_out(problem, torch.float64, 5)
+    for label, got, want in zip(LABELS, _run(emulated, problem, inputs, grad_out), _exact(problem, inputs, grad_out)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=lambda m: f"{name} {label}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["default", "depth3", "depth16", "depth32", "depth1024", "remove_center",
+                                  "batch257", "internimage_t_stage1"])
+def test_half_precision_within_tolerance(emulated, name, dtype):
+    problem = PROBLEMS[name]
+    inputs = problem.make(dtype, generator_seed=9, off_integer=True)
+    grad_out = _grad_out(problem, dtype, 9)
+    for label, got, want in zip(LABELS, _run(emulated, problem, inputs, grad_out), _exact(problem, inputs, grad_out)):
+        assert got.dtype == dtype
+        rel = (got.double() - want).norm() / want.norm()
+        assert rel < 1e-2, f"{name} {label}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_unaligned_tensors_take_narrower_vectors(emulated, dtype):
+    problem = Problem(groups=2, depth=8)
+    inputs = problem.make(dtype, generator_seed=4, off_integer=True)
+    grad_out = _grad_out(problem, dtype, 4)
+
+    def shifted(t):  # a storage offset of one element breaks 16-byte alignment
+        view = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape)
+        return view.copy_(t)
+
+    aligned = _run(emulated, problem, inputs, grad_out)
+    unaligned = _run(emulated, problem, [shifted(t) for t in inputs], shifted(grad_out))
+    for label, a, b in zip(LABELS, unaligned, aligned):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{label}: {m}")
+
+
+def test_emulation_exposes_missing_barriers_and_bad_launches(tmp_path):
+    """The emulation itself: a block reduction without its __syncthreads reads unwritten (NaN)
+    shared memory, a shuffle some lanes skip deadlocks, a shuffle with an exited lane and launch
+    configurations CUDA refuses are errors."""
+    _require_compiler()
+    from torch.utils.cpp_extension import include_paths
+    binary = tmp_path / "selftest"
+    compiler = shutil.which("c++") or shutil.which("g++")
+    build = subprocess.run([compiler, "-std=c++17", "-O1", *(f"-I{p}" for p in include_paths()), f"-I{CSRC}",
+                            str(EMULATION / "emulator_selftest.cpp"), "-o", str(binary)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-4000:]
+    results = dict(line.split(" ", 1) for line in subprocess.run(
+        [str(binary)], capture_output=True, text=True, timeout=60, check=True).stdout.splitlines())
+    assert results["launch_synchronised"] == "ok" and results["sum_synchronised"] == "128 128 128"
+    assert "nan" in results["sum_unsynchronised"]
+    assert results["launch_warp_sum"] == "ok" and results["warp_sum"] == "496 496"
+    assert results["shuffle_in_divergent_branch"].startswith("deadlock")
+    assert "exited" in results["shuffle_with_exited_lane"]
+    assert "2048 threads" in results["too_many_threads"]
+    assert "opt-in" in results["too_much_shared_memory"]
