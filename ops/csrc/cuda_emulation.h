@@ -55,24 +55,6 @@ inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaErrorLaunchFailure = 719 };
 
-// One OS thread runs everything, so plain read-modify-writes are atomic.
-template <typename T>
-inline T atomicAdd(T* address, T value) {
-  const T old = *address;
-  *address = old + value;
-  return old;
-}
-inline void atomicAdd(float2* address, float2 value) {
-  address->x += value.x;
-  address->y += value.y;
-}
-inline void atomicAdd(float4* address, float4 value) {
-  address->x += value.x;
-  address->y += value.y;
-  address->z += value.z;
-  address->w += value.w;
-}
-
 namespace cuda_emulation {
 
 constexpr unsigned kWarpSize = 32;
@@ -100,6 +82,7 @@ struct Block {
   const std::function<void()>* body = nullptr;
   std::vector<unsigned char> dynamic_shared;
   std::string failure;  // set by a failing thread; the launch then stops
+  uint64_t global_atomics = 0, shared_atomics = 0;  // atomic instructions issued, all launches
   cudaError_t last_error = cudaSuccess;
   std::string last_message;
   uint64_t rng = 0x9E3779B97F4A7C15ull;
@@ -258,7 +241,36 @@ struct Launch {
 
 inline unsigned char* dynamic_shared() { return block().dynamic_shared.data(); }
 
+inline void count_atomic(const void* address) {
+  Block& b = block();
+  const auto* byte = static_cast<const unsigned char*>(address);
+  const bool shared = !b.dynamic_shared.empty() && byte >= b.dynamic_shared.data() &&
+                      byte < b.dynamic_shared.data() + b.dynamic_shared.size();
+  ++(shared ? b.shared_atomics : b.global_atomics);
+}
+
 }  // namespace cuda_emulation
+
+// One OS thread runs everything, so plain read-modify-writes are atomic.
+template <typename T>
+inline T atomicAdd(T* address, T value) {
+  cuda_emulation::count_atomic(address);
+  const T old = *address;
+  *address = old + value;
+  return old;
+}
+inline void atomicAdd(float2* address, float2 value) {
+  cuda_emulation::count_atomic(address);
+  address->x += value.x;
+  address->y += value.y;
+}
+inline void atomicAdd(float4* address, float4 value) {
+  cuda_emulation::count_atomic(address);
+  address->x += value.x;
+  address->y += value.y;
+  address->z += value.z;
+  address->w += value.w;
+}
 
 #define DCNV3_LAUNCH(grid, threads, shared_bytes, stream, ...) \
   ::cuda_emulation::Launch{dim3(grid), dim3(threads), static_cast<size_t>(shared_bytes)}.kernel(&__VA_ARGS__)

@@ -8,7 +8,9 @@
 #endif
 #include <torch/extension.h>
 
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "dcnv3_cuda_kernels.cuh"
@@ -67,6 +69,16 @@ Shape checked_shape(const at::Tensor& value, const at::Tensor& offset, const at:
   return s;
 }
 
+// INTERNIMAGE_DCNV3_CUDA_BACKWARD=tiled picks the shared-memory-window backward (for benchmarks
+// until it is measured faster); unset or "atomic" keeps the default.
+cuda::BackwardScatter backward_scatter() {
+  const char* choice = std::getenv("INTERNIMAGE_DCNV3_CUDA_BACKWARD");
+  if (choice == nullptr || *choice == 0 || std::string(choice) == "atomic") return cuda::BackwardScatter::kAtomic;
+  TORCH_CHECK(std::string(choice) == "tiled", "INTERNIMAGE_DCNV3_CUDA_BACKWARD=", choice,
+              " is not a backward; use atomic (default) or tiled");
+  return cuda::BackwardScatter::kTiled;
+}
+
 void check_launch(cudaError_t error, const char* what) {
   TORCH_CHECK(error == cudaSuccess, "dcnv3 CUDA kernel: ", what, " failed: ", cudaGetErrorString(error));
 }
@@ -119,7 +131,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& v
     check_launch(cuda::launch_backward(s, cuda_ptr<scalar_t>(grad_out), cuda_ptr<scalar_t>(value),
                                        cuda_ptr<scalar_t>(offset), cuda_ptr<scalar_t>(mask), acc,
                                        cuda_mut_ptr<scalar_t>(grad_offset), cuda_mut_ptr<scalar_t>(grad_mask),
-                                       stream),
+                                       backward_scatter(), stream),
                  "backward");
     if (reduced)
       check_launch(cuda::launch_cast<T>(acc, cuda_mut_ptr<scalar_t>(grad_value), value.numel(), stream),
@@ -135,4 +147,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused DCNv3 core, CUDA";
   m.def("forward", &dcnv3::forward, "DCNv3 core forward (CUDA)");
   m.def("backward", &dcnv3::backward, "DCNv3 core backward (CUDA): grad value, offset, mask");
+#if defined(DCNV3_CUDA_EMULATION)
+  m.def("take_atomic_counts", [] {
+    auto& b = cuda_emulation::block();
+    const std::pair<uint64_t, uint64_t> counts{b.global_atomics, b.shared_atomics};
+    b.global_atomics = b.shared_atomics = 0;
+    return counts;
+  }, "(global, shared) atomic instructions the emulated kernels issued since the last call");
+#endif
 }

@@ -10,7 +10,8 @@ template <typename T>
 cudaError_t instantiate_all(const Shape& s, const T* a, T* b, typename Accumulate<T>::type* acc,
                             cudaStream_t stream) {
   cudaError_t error = launch_forward<T>(s, a, a, a, b, stream);
-  if (error == cudaSuccess) error = launch_backward<T>(s, a, a, a, a, acc, b, b, stream);
+  for (const auto scatter : {BackwardScatter::kAtomic, BackwardScatter::kTiled})
+    if (error == cudaSuccess) error = launch_backward<T>(s, a, a, a, a, acc, b, b, scatter, stream);
   if (error == cudaSuccess) error = launch_cast<T>(acc, b, 0, stream);
   return error;
 }
