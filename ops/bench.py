@@ -9,8 +9,8 @@ and backward medians of ours, of the reference and (GPU, if the PyPI ``DCNv4`` p
 of DCNv4; the speed-up; the bytes the op must move at least (forward: value + offset + mask +
 output; backward: value + offset + mask + grad_output + the three gradients), the achieved GB/s,
 the floor (those bytes over the measured copy bandwidth) and ours/floor. Numbers, not a test.
-On CUDA, ``INTERNIMAGE_DCNV3_CUDA_BACKWARD=tiled`` times the shared-memory-window backward instead
-of the default atomic one (recorded in the JSON's environment).
+On CUDA, ``INTERNIMAGE_DCNV3_CUDA_TILED=1`` times the tiled kernels (shared-memory windows) instead
+of the default untiled ones (recorded in the JSON's environment).
 """
 from __future__ import annotations
 
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype),
            "copy_bandwidth_gbs": bandwidth, "dcnv4": dcnv4_error or "timed", "repeats": repeats,
-           "cuda_backward": os.environ.get("INTERNIMAGE_DCNV3_CUDA_BACKWARD") or "atomic"}
+           "cuda_kernels": "tiled" if os.environ.get("INTERNIMAGE_DCNV3_CUDA_TILED", "0") == "1" else "untiled"}
     print(f"# {env}")
     print(format_table(results))
     if args.json:

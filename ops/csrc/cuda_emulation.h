@@ -7,7 +7,8 @@
 // opens when every live thread of its block (or warp) waits there. Threads resume in a shuffled
 // order each round, so a missing barrier shows up as wrong results; a barrier that some threads
 // can never reach is reported as a launch error, as are launch configurations CUDA would refuse.
-// Dynamic shared memory starts as NaN bytes each block, so reading what no thread wrote shows.
+// Dynamic shared memory starts as NaN bytes each block, so reading what no thread wrote shows, and
+// a NaN guard zone after it catches writes past its end.
 //
 // What it cannot show: timing, the memory model of concurrent blocks (blocks run one after
 // another), or bugs that only a particular warp interleaving exposes.
@@ -159,10 +160,20 @@ inline bool open_barriers() {
   return opened;
 }
 
+// Bytes past the end of dynamic shared memory that must stay NaN: reads there give NaN results,
+// writes there are reported.
+constexpr size_t kSharedGuardBytes = 4096;
+
+inline bool guard_intact(const Block& b, size_t shared_bytes) {
+  for (size_t i = shared_bytes; i < b.dynamic_shared.size(); ++i)
+    if (b.dynamic_shared[i] != 0xFF) return false;
+  return true;
+}
+
 inline void run_block(unsigned threads, size_t shared_bytes) {
   Block& b = block();
   b.fibers.resize(threads);
-  b.dynamic_shared.assign(shared_bytes, 0xFF);  // NaN in every float type
+  b.dynamic_shared.assign(shared_bytes + kSharedGuardBytes, 0xFF);  // NaN in every float type
   for (Fiber& f : b.fibers) {
     f.stack.resize(kFiberStackBytes);
     f.state = State::kRunnable;
@@ -191,6 +202,8 @@ inline void run_block(unsigned threads, size_t shared_bytes) {
                     " wait at barriers that cannot open (a __syncthreads or shuffle not every thread reaches)";
         return;
       }
+    if (!guard_intact(b, shared_bytes))
+      b.failure = "a thread of block " + std::to_string(blockIdx.x) + " wrote past the end of dynamic shared memory";
     return;
   }
 }

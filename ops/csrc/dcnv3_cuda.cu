@@ -69,14 +69,14 @@ Shape checked_shape(const at::Tensor& value, const at::Tensor& offset, const at:
   return s;
 }
 
-// INTERNIMAGE_DCNV3_CUDA_BACKWARD=tiled picks the shared-memory-window backward (for benchmarks
-// until it is measured faster); unset or "atomic" keeps the default.
-cuda::BackwardScatter backward_scatter() {
-  const char* choice = std::getenv("INTERNIMAGE_DCNV3_CUDA_BACKWARD");
-  if (choice == nullptr || *choice == 0 || std::string(choice) == "atomic") return cuda::BackwardScatter::kAtomic;
-  TORCH_CHECK(std::string(choice) == "tiled", "INTERNIMAGE_DCNV3_CUDA_BACKWARD=", choice,
-              " is not a backward; use atomic (default) or tiled");
-  return cuda::BackwardScatter::kTiled;
+// INTERNIMAGE_DCNV3_CUDA_TILED=1 picks the tiled kernels (for benchmarks, until they are measured
+// faster than the default untiled ones).
+cuda::Scheme kernel_scheme() {
+  const char* choice = std::getenv("INTERNIMAGE_DCNV3_CUDA_TILED");
+  if (choice == nullptr || *choice == 0 || std::string(choice) == "0") return cuda::Scheme::kUntiled;
+  TORCH_CHECK(std::string(choice) == "1", "INTERNIMAGE_DCNV3_CUDA_TILED=", choice,
+              " is not a choice; use 1 (tiled kernels) or 0 (default)");
+  return cuda::Scheme::kTiled;
 }
 
 void check_launch(cudaError_t error, const char* what) {
@@ -94,7 +94,7 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& offset, const at::
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "dcnv3_forward_cuda", [&] {
     check_launch(cuda::launch_forward(s, cuda_ptr<scalar_t>(value), cuda_ptr<scalar_t>(offset),
-                                      cuda_ptr<scalar_t>(mask), cuda_mut_ptr<scalar_t>(out), stream),
+                                      cuda_ptr<scalar_t>(mask), cuda_mut_ptr<scalar_t>(out), kernel_scheme(), stream),
                  "forward");
   });
   return out;
@@ -131,7 +131,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& v
     check_launch(cuda::launch_backward(s, cuda_ptr<scalar_t>(grad_out), cuda_ptr<scalar_t>(value),
                                        cuda_ptr<scalar_t>(offset), cuda_ptr<scalar_t>(mask), acc,
                                        cuda_mut_ptr<scalar_t>(grad_offset), cuda_mut_ptr<scalar_t>(grad_mask),
-                                       backward_scatter(), stream),
+                                       kernel_scheme(), stream),
                  "backward");
     if (reduced)
       check_launch(cuda::launch_cast<T>(acc, cuda_mut_ptr<scalar_t>(grad_value), value.numel(), stream),

@@ -9,9 +9,11 @@ namespace cuda {
 template <typename T>
 cudaError_t instantiate_all(const Shape& s, const T* a, T* b, typename Accumulate<T>::type* acc,
                             cudaStream_t stream) {
-  cudaError_t error = launch_forward<T>(s, a, a, a, b, stream);
-  for (const auto scatter : {BackwardScatter::kAtomic, BackwardScatter::kTiled})
-    if (error == cudaSuccess) error = launch_backward<T>(s, a, a, a, a, acc, b, b, scatter, stream);
+  cudaError_t error = cudaSuccess;
+  for (const Scheme scheme : {Scheme::kUntiled, Scheme::kTiled}) {
+    if (error == cudaSuccess) error = launch_forward<T>(s, a, a, a, b, scheme, stream);
+    if (error == cudaSuccess) error = launch_backward<T>(s, a, a, a, a, acc, b, b, scheme, stream);
+  }
   if (error == cudaSuccess) error = launch_cast<T>(acc, b, 0, stream);
   return error;
 }

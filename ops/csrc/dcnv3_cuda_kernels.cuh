@@ -81,6 +81,14 @@ __device__ __forceinline__ void load_acc(const T* ptr, typename Accumulate<T>::t
   for (int k = 0; k < VEC; ++k) out[k] = to_acc(raw.v[k]);
 }
 
+// acc += weight * ptr[0..VEC).
+template <typename T, int VEC, typename acc_t>
+__device__ __forceinline__ void add_scaled(acc_t (&acc)[VEC], acc_t weight, const T* ptr) {
+  const Vec<T, VEC> raw = *reinterpret_cast<const Vec<T, VEC>*>(ptr);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] += weight * to_acc(raw.v[k]);
+}
+
 template <typename T, int VEC>
 __device__ __forceinline__ void store_from_acc(T* ptr, const typename Accumulate<T>::type (&in)[VEC]) {
   Vec<T, VEC> raw;
@@ -143,6 +151,20 @@ __device__ __forceinline__ ItemIndex item_index(const Shape& s, int tpi_log2, in
   return at;
 }
 
+// The four bilinear corners of a footprint, VEC channels each from `corner` (the top-left one's
+// address) on; corners outside the image read 0. All loads are issued before any use.
+template <typename T, int VEC, typename acc_t>
+__device__ __forceinline__ void load_corners(const Footprint<acc_t>& f, const T* corner, int row_stride,
+                                             int pixel_stride, acc_t (&v00)[VEC], acc_t (&v01)[VEC],
+                                             acc_t (&v10)[VEC], acc_t (&v11)[VEC]) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) v00[k] = v01[k] = v10[k] = v11[k] = acc_t(0);
+  if (f.in_y0 && f.in_x0) load_acc<T, VEC>(corner, v00);
+  if (f.in_y0 && f.in_x1) load_acc<T, VEC>(corner + pixel_stride, v01);
+  if (f.in_y1 && f.in_x0) load_acc<T, VEC>(corner + row_stride, v10);
+  if (f.in_y1 && f.in_x1) load_acc<T, VEC>(corner + row_stride + pixel_stride, v11);
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kBlockThreads)
     forward_kernel(const Shape s, const T* __restrict__ value, const T* __restrict__ offset,
@@ -166,15 +188,9 @@ __global__ void __launch_bounds__(kBlockThreads)
       const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
       if (!f.contributes) continue;
       const acc_t m = to_acc(item_mask[p]);
-      const T* corner = image + (f.y0 * width_in + f.x0) * channels + channel;
       acc_t v00[VEC], v01[VEC], v10[VEC], v11[VEC];
-      // All four loads are issued before any use, to keep several in flight.
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) v00[k] = v01[k] = v10[k] = v11[k] = acc_t(0);
-      if (f.in_y0 && f.in_x0) load_acc<T, VEC>(corner, v00);
-      if (f.in_y0 && f.in_x1) load_acc<T, VEC>(corner + channels, v01);
-      if (f.in_y1 && f.in_x0) load_acc<T, VEC>(corner + width_in * channels, v10);
-      if (f.in_y1 && f.in_x1) load_acc<T, VEC>(corner + (width_in + 1) * channels, v11);
+      load_corners<T, VEC>(f, image + (f.y0 * width_in + f.x0) * channels + channel, width_in * channels,
+                           channels, v00, v01, v10, v11);
       const acc_t w00 = m * f.w00(), w01 = m * f.w01(), w10 = m * f.w10(), w11 = m * f.w11();
 #pragma unroll
       for (int k = 0; k < VEC; ++k) acc[k] += w00 * v00[k] + w01 * v01[k] + w10 * v10[k] + w11 * v11[k];
@@ -182,6 +198,111 @@ __global__ void __launch_bounds__(kBlockThreads)
     // item = pixel·G + group, so the item's output channels start at item·D.
     store_from_acc<T, VEC>(out + at.item * depth + channel, acc);
   }
+}
+
+// ---- tiled kernels: a block owns one group of a tile of output pixels --------------------------
+//
+// The tile's samples, at offsets up to `margin` pixels, fall in an input window small enough for
+// shared memory. The forward stages the window's values there once, so the corner reads hit shared
+// memory instead of L1/L2; the backward accumulates the window's value gradient there and adds it
+// to global memory once, instead of one global atomic per sample and corner. Samples outside the
+// window take the untiled path, so the margin decides speed only, never the result.
+
+struct Tile {
+  int tile_h, tile_w;      // output pixels
+  int tiles_y, tiles_x;    // tiles per image
+  int reach_h, reach_w;    // how far the kernel grid reaches from its centre, input pixels
+  int margin;              // extra input pixels covered for the offsets
+  int window_h, window_w;  // input pixels held in shared memory
+};
+
+// Where a thread of a tiled kernel works: TPI lanes per output pixel, as in the untiled kernels.
+struct TileSlot {
+  int group, lane, h_out, w_out;
+  int64_t batch;
+  int64_t item;       // (pixel, group) flattened like the untiled kernels' items; 0 when !pixel_valid
+  bool pixel_valid;   // false past the output's edge (such threads still reach every barrier)
+  int y_origin, x_origin;  // input pixel at the window's (0, 0)
+};
+
+__device__ __forceinline__ TileSlot tile_slot(const Shape& s, const Tile& tile, int tpi_log2) {
+  TileSlot at;
+  int64_t block = blockIdx.x;  // group fastest, then tile column, tile row, image
+  at.group = static_cast<int>(block % s.groups);
+  block /= s.groups;
+  const int tile_x = static_cast<int>(block % tile.tiles_x);
+  block /= tile.tiles_x;
+  const int tile_y = static_cast<int>(block % tile.tiles_y);
+  at.batch = block / tile.tiles_y;
+  at.lane = static_cast<int>(threadIdx.x) & ((1 << tpi_log2) - 1);
+  const int pixel = static_cast<int>(threadIdx.x) >> tpi_log2;
+  at.h_out = tile_y * tile.tile_h + pixel / tile.tile_w;
+  at.w_out = tile_x * tile.tile_w + pixel % tile.tile_w;
+  at.pixel_valid = at.h_out < s.height_out && at.w_out < s.width_out;
+  at.item = at.pixel_valid ? ((at.batch * s.height_out + at.h_out) * s.width_out + at.w_out) * s.groups + at.group : 0;
+  at.y_origin = tile_y * tile.tile_h * static_cast<int>(s.stride_h) - static_cast<int>(s.pad_h) +
+                static_cast<int>(s.dilation_h * (s.kernel_h - 1) / 2) - tile.reach_h - tile.margin;
+  at.x_origin = tile_x * tile.tile_w * static_cast<int>(s.stride_w) - static_cast<int>(s.pad_w) +
+                static_cast<int>(s.dilation_w * (s.kernel_w - 1) / 2) - tile.reach_w - tile.margin;
+  return at;
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kBlockThreads)
+    forward_tiled_kernel(const Shape s, const Tile tile, const T* __restrict__ value,
+                         const T* __restrict__ offset, const T* __restrict__ mask, T* __restrict__ out,
+                         int tpi_log2) {
+  using acc_t = typename Accumulate<T>::type;
+  DCNV3_DYNAMIC_SHARED(T, window);
+  const int channels = static_cast<int>(s.channels()), depth = static_cast<int>(s.depth);
+  const int points = static_cast<int>(s.points), chunks = depth / VEC;
+  const int height_in = static_cast<int>(s.height_in), width_in = static_cast<int>(s.width_in);
+  const TileSlot at = tile_slot(s, tile, tpi_log2);
+  const T* image = value + at.batch * s.height_in * s.width_in * channels + at.group * depth;
+
+  // Stage the window; pixels outside the image hold zeros, which is what sampling reads there.
+  for (int i = threadIdx.x; i < tile.window_h * tile.window_w * chunks; i += blockDim.x) {
+    const int cell = i / chunks, chunk_channel = (i % chunks) * VEC;
+    const int y = at.y_origin + cell / tile.window_w, x = at.x_origin + cell % tile.window_w;
+    Vec<T, VEC> chunk;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) chunk.v[k] = from_acc<T>(acc_t(0));
+    if (y >= 0 && y < height_in && x >= 0 && x < width_in)
+      chunk = *reinterpret_cast<const Vec<T, VEC>*>(image + (y * width_in + x) * channels + chunk_channel);
+    *reinterpret_cast<Vec<T, VEC>*>(window + cell * depth + chunk_channel) = chunk;
+  }
+  __syncthreads();
+  if (!at.pixel_valid || at.lane >= chunks) return;  // no barrier or shuffle follows
+
+  const int channel = at.lane * VEC;
+  const T* item_offset = offset + at.item * points * 2;
+  const T* item_mask = mask + at.item * points;
+  acc_t acc[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
+  for (int p = 0; p < points; ++p) {
+    const Vec<T, 2> dxy = *reinterpret_cast<const Vec<T, 2>*>(item_offset + 2 * p);
+    const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
+    if (!f.contributes) continue;
+    const int wy = f.y0 - at.y_origin, wx = f.x0 - at.x_origin;
+    const acc_t m = to_acc(item_mask[p]);
+    const acc_t w00 = m * f.w00(), w01 = m * f.w01(), w10 = m * f.w10(), w11 = m * f.w11();
+    if (wy >= 0 && wy + 1 < tile.window_h && wx >= 0 && wx + 1 < tile.window_w) {
+      // Shared memory is close: one corner at a time keeps registers free (no spills at VEC 8).
+      const T* corner = window + (wy * tile.window_w + wx) * depth + channel;
+      add_scaled<T, VEC>(acc, w00, corner);
+      add_scaled<T, VEC>(acc, w01, corner + depth);
+      add_scaled<T, VEC>(acc, w10, corner + tile.window_w * depth);
+      add_scaled<T, VEC>(acc, w11, corner + (tile.window_w + 1) * depth);
+    } else {
+      acc_t v00[VEC], v01[VEC], v10[VEC], v11[VEC];
+      load_corners<T, VEC>(f, image + (f.y0 * width_in + f.x0) * channels + channel, width_in * channels,
+                           channels, v00, v01, v10, v11);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[k] += w00 * v00[k] + w01 * v01[k] + w10 * v10[k] + w11 * v11[k];
+    }
+  }
+  store_from_acc<T, VEC>(out + at.item * depth + channel, acc);
 }
 
 template <typename acc_t>
@@ -198,12 +319,7 @@ __device__ __forceinline__ void point_gradients(const Footprint<acc_t>& f, const
                                                 int pixel_stride, const acc_t (&up)[VEC], acc_t& grad_m,
                                                 acc_t& grad_x, acc_t& grad_y) {
   acc_t v00[VEC], v01[VEC], v10[VEC], v11[VEC];
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) v00[k] = v01[k] = v10[k] = v11[k] = acc_t(0);
-  if (f.in_y0 && f.in_x0) load_acc<T, VEC>(corner, v00);
-  if (f.in_y0 && f.in_x1) load_acc<T, VEC>(corner + pixel_stride, v01);
-  if (f.in_y1 && f.in_x0) load_acc<T, VEC>(corner + row_stride, v10);
-  if (f.in_y1 && f.in_x1) load_acc<T, VEC>(corner + row_stride + pixel_stride, v11);
+  load_corners<T, VEC>(f, corner, row_stride, pixel_stride, v00, v01, v10, v11);
   acc_t d00 = 0, d01 = 0, d10 = 0, d11 = 0;  // upstream · corner value
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
@@ -279,19 +395,6 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// The tiled backward's geometry. A block owns one group of a tile_h × tile_w tile of output pixels
-// of one image; it accumulates the value gradient of the input window its samples can reach
-// without offsets (the kernel's reach) plus `margin` pixels in shared memory, and adds that window
-// to the global gradient once at the end. Samples beyond the window go to global memory directly,
-// so the margin only decides speed, never the result.
-struct Tile {
-  int tile_h, tile_w;      // output pixels
-  int tiles_y, tiles_x;    // tiles per image
-  int reach_h, reach_w;    // how far the kernel grid reaches from its centre, input pixels
-  int margin;              // extra input pixels covered for the offsets
-  int window_h, window_w;  // input pixels held in shared memory
-};
-
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kBlockThreads)
     backward_tiled_kernel(const Shape s, const Tile tile, const T* __restrict__ grad_out,
@@ -303,33 +406,17 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int channels = static_cast<int>(s.channels()), depth = static_cast<int>(s.depth);
   const int points = static_cast<int>(s.points), chunks = depth / VEC;
   const int height_in = static_cast<int>(s.height_in), width_in = static_cast<int>(s.width_in);
-  int64_t block = blockIdx.x;  // group fastest, then tile column, tile row, image
-  const int group = static_cast<int>(block % s.groups);
-  block /= s.groups;
-  const int tile_x = static_cast<int>(block % tile.tiles_x);
-  block /= tile.tiles_x;
-  const int tile_y = static_cast<int>(block % tile.tiles_y);
-  const int64_t batch = block / tile.tiles_y;
-  const int lane = static_cast<int>(threadIdx.x) & ((1 << tpi_log2) - 1);
-  const int pixel = static_cast<int>(threadIdx.x) >> tpi_log2;
-  const int h_out = tile_y * tile.tile_h + pixel / tile.tile_w, w_out = tile_x * tile.tile_w + pixel % tile.tile_w;
-  // Invalid threads (past the image's edge, or lanes beyond the last chunk) still reach every
-  // barrier and shuffle.
-  const bool pixel_valid = h_out < s.height_out && w_out < s.width_out;
-  const bool valid = pixel_valid && lane < chunks;
-  const int y_origin = tile_y * tile.tile_h * static_cast<int>(s.stride_h) - static_cast<int>(s.pad_h) +
-                       static_cast<int>(s.dilation_h * (s.kernel_h - 1) / 2) - tile.reach_h - tile.margin;
-  const int x_origin = tile_x * tile.tile_w * static_cast<int>(s.stride_w) - static_cast<int>(s.pad_w) +
-                       static_cast<int>(s.dilation_w * (s.kernel_w - 1) / 2) - tile.reach_w - tile.margin;
+  const TileSlot at = tile_slot(s, tile, tpi_log2);
+  const bool valid = at.pixel_valid && at.lane < chunks;
   const int window_pixels = tile.window_h * tile.window_w;
   for (int i = threadIdx.x; i < window_pixels * depth; i += blockDim.x) window[i] = acc_t(0);
   __syncthreads();
 
-  const int64_t image_base = batch * s.height_in * s.width_in * channels + group * depth;
+  const int64_t image_base = at.batch * s.height_in * s.width_in * channels + at.group * depth;
   const T* image = value + image_base;
   acc_t* grad_image = grad_value_acc + image_base;
-  const int64_t item = pixel_valid ? ((batch * s.height_out + h_out) * s.width_out + w_out) * s.groups + group : 0;
-  const int channel = lane * VEC;
+  const int64_t item = at.item;
+  const int channel = at.lane * VEC;
   acc_t up[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) up[k] = acc_t(0);
@@ -337,7 +424,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   // grad += weight · upstream at input pixel (y, x): in the shared window when it lies there.
   const auto scatter = [&](int y, int x, acc_t weight) {
-    const int wy = y - y_origin, wx = x - x_origin;
+    const int wy = y - at.y_origin, wx = x - at.x_origin;
     if (wy >= 0 && wy < tile.window_h && wx >= 0 && wx < tile.window_w) {
       acc_t* cell = window + (wy * tile.window_w + wx) * depth + channel;
 #pragma unroll
@@ -348,7 +435,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   };
   for (int p = 0; p < points; ++p) {
     const Vec<T, 2> dxy = *reinterpret_cast<const Vec<T, 2>*>(offset + (item * points + p) * 2);
-    const auto f = footprint<acc_t>(s, h_out, w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
+    const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
     const acc_t m = to_acc(mask[item * points + p]);
     acc_t grad_m = 0, grad_x = 0, grad_y = 0;
     if (valid && f.contributes) {
@@ -359,7 +446,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       if (f.in_y1 && f.in_x0) scatter(f.y0 + 1, f.x0, m * f.w10());
       if (f.in_y1 && f.in_x1) scatter(f.y0 + 1, f.x0 + 1, m * f.w11());
     }
-    write_point_gradients<T>(s, item, p, pixel_valid && lane == 0, m, grad_m, grad_x, grad_y, tpi_log2,
+    write_point_gradients<T>(s, item, p, at.pixel_valid && at.lane == 0, m, grad_m, grad_x, grad_y, tpi_log2,
                              grad_offset, grad_mask);
   }
   __syncthreads();
@@ -367,7 +454,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   // Neighbouring tiles' windows overlap: add with atomics, skipping chunks no sample reached.
   for (int i = threadIdx.x; i < window_pixels * chunks; i += blockDim.x) {
     const int cell = i / chunks, flush_channel = (i % chunks) * VEC;
-    const int y = y_origin + cell / tile.window_w, x = x_origin + cell % tile.window_w;
+    const int y = at.y_origin + cell / tile.window_w, x = at.x_origin + cell % tile.window_w;
     if (y < 0 || y >= height_in || x < 0 || x >= width_in) continue;
     acc_t sum[VEC];
     bool touched = false;
@@ -420,42 +507,18 @@ inline unsigned grid_for(int64_t threads) {
   return static_cast<unsigned>((threads + kBlockThreads - 1) / kBlockThreads);
 }
 
-template <typename T, int VEC>
-cudaError_t launch_forward_vec(const Shape& s, const T* value, const T* offset, const T* mask, T* out,
-                               cudaStream_t stream) {
-  const int64_t items = s.pixels_out() * s.groups;
-  const int tpi_log2 = threads_per_item_log2(s.depth / VEC);
-  DCNV3_LAUNCH(grid_for(items << tpi_log2), kBlockThreads, 0, stream, forward_kernel<T, VEC>)(
-      s, value, offset, mask, out, tpi_log2, items);
-  return cudaGetLastError();
-}
-
-// out (N, H_out, W_out, G·D) = DCNv3 core of the contiguous channels-last inputs.
-template <typename T>
-cudaError_t launch_forward(const Shape& s, const T* value, const T* offset, const T* mask, T* out,
-                           cudaStream_t stream) {
-  if (s.pixels_out() == 0) return cudaSuccess;
-  const void* pointers[] = {value, out};
-  switch (vector_width<T>(s, pointers, 2)) {
-    case 8: return launch_forward_vec<T, (sizeof(T) <= 2 ? 8 : 1)>(s, value, offset, mask, out, stream);
-    case 4: return launch_forward_vec<T, (sizeof(T) <= 4 ? 4 : 1)>(s, value, offset, mask, out, stream);
-    case 2: return launch_forward_vec<T, 2>(s, value, offset, mask, out, stream);
-    default: return launch_forward_vec<T, 1>(s, value, offset, mask, out, stream);
-  }
-}
-
-// How the backward scatters the value gradient: straight to global memory with vector atomics
-// (measured on an H100, the default), or through a shared-memory window per tile of output pixels
-// (backward_tiled_kernel: ~10x fewer global atomics, shared-memory atomics instead).
-enum class BackwardScatter { kAtomic, kTiled };
+// Which kernels run: the untiled ones (measured on an H100, the default) or the tiled ones
+// (forward_tiled_kernel, backward_tiled_kernel), which fall back to the untiled ones where no
+// window fits.
+enum class Scheme { kUntiled, kTiled };
 
 constexpr int kTileMargin = 3;                   // input pixels beyond the kernel's reach, when they fit
 constexpr size_t kTileSharedBytes = 48 * 1024;   // the most a kernel gets without an opt-in attribute
 
-// The tiled kernel's geometry for `chunks` chunks per item; tiles_y == 0 when it cannot run (more
-// chunks than a warp has lanes, or no window fits in shared memory).
-template <typename acc_t>
-inline Tile plan_tile(const Shape& s, int chunks, int tpi_log2) {
+// A tiled kernel's geometry for `chunks` chunks per item and a window of `element_bytes` per
+// channel; tiles_y == 0 when it cannot run (more chunks than a warp has lanes, no window fits in
+// shared memory, or more blocks than a grid holds).
+inline Tile plan_tile(const Shape& s, int chunks, int tpi_log2, size_t element_bytes) {
   Tile t{};
   const auto reach = [&](int64_t kernel, int64_t dilation) {
     const int64_t centre = dilation * (kernel - 1) / 2;
@@ -474,9 +537,10 @@ inline Tile plan_tile(const Shape& s, int chunks, int tpi_log2) {
     // Rows from the first location's floor to the last one's floor + 1.
     t.window_h = (t.tile_h - 1) * static_cast<int>(s.stride_h) + 2 * (t.reach_h + t.margin) + 2;
     t.window_w = (t.tile_w - 1) * static_cast<int>(s.stride_w) + 2 * (t.reach_w + t.margin) + 2;
-    if (static_cast<size_t>(t.window_h) * t.window_w * s.depth * sizeof(acc_t) <= kTileSharedBytes) {
+    if (static_cast<size_t>(t.window_h) * t.window_w * s.depth * element_bytes <= kTileSharedBytes) {
       t.tiles_y = static_cast<int>((s.height_out + t.tile_h - 1) / t.tile_h);
       t.tiles_x = static_cast<int>((s.width_out + t.tile_w - 1) / t.tile_w);
+      if (s.batch * t.tiles_y * t.tiles_x * s.groups >= (int64_t{1} << 31)) t.tiles_y = 0;
       return t;
     }
   }
@@ -484,20 +548,59 @@ inline Tile plan_tile(const Shape& s, int chunks, int tpi_log2) {
   return t;
 }
 
+inline size_t window_bytes(const Shape& s, const Tile& tile, size_t element_bytes) {
+  return static_cast<size_t>(tile.window_h) * tile.window_w * s.depth * element_bytes;
+}
+
+inline unsigned tile_blocks(const Shape& s, const Tile& tile) {
+  return static_cast<unsigned>(s.batch * tile.tiles_y * tile.tiles_x * s.groups);
+}
+
+template <typename T, int VEC>
+cudaError_t launch_forward_vec(const Shape& s, const T* value, const T* offset, const T* mask, T* out,
+                               Scheme scheme, cudaStream_t stream) {
+  const int64_t items = s.pixels_out() * s.groups;
+  const int tpi_log2 = threads_per_item_log2(s.depth / VEC);
+  if (scheme == Scheme::kTiled) {
+    const Tile tile = plan_tile(s, static_cast<int>(s.depth / VEC), tpi_log2, sizeof(T));
+    if (tile.tiles_y > 0) {
+      DCNV3_LAUNCH(tile_blocks(s, tile), kBlockThreads, window_bytes(s, tile, sizeof(T)), stream,
+                   forward_tiled_kernel<T, VEC>)(s, tile, value, offset, mask, out, tpi_log2);
+      return cudaGetLastError();
+    }
+  }
+  DCNV3_LAUNCH(grid_for(items << tpi_log2), kBlockThreads, 0, stream, forward_kernel<T, VEC>)(
+      s, value, offset, mask, out, tpi_log2, items);
+  return cudaGetLastError();
+}
+
+// out (N, H_out, W_out, G·D) = DCNv3 core of the contiguous channels-last inputs.
+template <typename T>
+cudaError_t launch_forward(const Shape& s, const T* value, const T* offset, const T* mask, T* out,
+                           Scheme scheme, cudaStream_t stream) {
+  if (s.pixels_out() == 0) return cudaSuccess;
+  const void* pointers[] = {value, out};
+  switch (vector_width<T>(s, pointers, 2)) {
+    case 8: return launch_forward_vec<T, (sizeof(T) <= 2 ? 8 : 1)>(s, value, offset, mask, out, scheme, stream);
+    case 4: return launch_forward_vec<T, (sizeof(T) <= 4 ? 4 : 1)>(s, value, offset, mask, out, scheme, stream);
+    case 2: return launch_forward_vec<T, 2>(s, value, offset, mask, out, scheme, stream);
+    default: return launch_forward_vec<T, 1>(s, value, offset, mask, out, scheme, stream);
+  }
+}
+
 template <typename T, int VEC>
 cudaError_t launch_backward_vec(const Shape& s, const T* grad_out, const T* value, const T* offset,
                                 const T* mask, typename Accumulate<T>::type* grad_value_acc,
-                                T* grad_offset, T* grad_mask, BackwardScatter scatter, cudaStream_t stream) {
+                                T* grad_offset, T* grad_mask, Scheme scheme, cudaStream_t stream) {
   using acc_t = typename Accumulate<T>::type;
   const int64_t items = s.pixels_out() * s.groups;
   const int tpi_log2 = threads_per_item_log2(s.depth / VEC);
-  if (scatter == BackwardScatter::kTiled) {
-    const Tile tile = plan_tile<acc_t>(s, static_cast<int>(s.depth / VEC), tpi_log2);
-    const int64_t blocks = s.batch * tile.tiles_y * tile.tiles_x * s.groups;
-    if (tile.tiles_y > 0 && blocks < (int64_t{1} << 31)) {
-      const size_t shared_bytes = static_cast<size_t>(tile.window_h) * tile.window_w * s.depth * sizeof(acc_t);
-      DCNV3_LAUNCH(static_cast<unsigned>(blocks), kBlockThreads, shared_bytes, stream, backward_tiled_kernel<T, VEC>)(
-          s, tile, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, tpi_log2);
+  if (scheme == Scheme::kTiled) {
+    const Tile tile = plan_tile(s, static_cast<int>(s.depth / VEC), tpi_log2, sizeof(acc_t));
+    if (tile.tiles_y > 0) {
+      DCNV3_LAUNCH(tile_blocks(s, tile), kBlockThreads, window_bytes(s, tile, sizeof(acc_t)), stream,
+                   backward_tiled_kernel<T, VEC>)(s, tile, grad_out, value, offset, mask, grad_value_acc,
+                                                  grad_offset, grad_mask, tpi_log2);
       return cudaGetLastError();
     }
   }
@@ -512,7 +615,7 @@ cudaError_t launch_backward_vec(const Shape& s, const T* grad_out, const T* valu
 template <typename T>
 cudaError_t launch_backward(const Shape& s, const T* grad_out, const T* value, const T* offset,
                             const T* mask, typename Accumulate<T>::type* grad_value_acc, T* grad_offset,
-                            T* grad_mask, BackwardScatter scatter, cudaStream_t stream) {
+                            T* grad_mask, Scheme scheme, cudaStream_t stream) {
   if (s.pixels_out() == 0) return cudaSuccess;
   const void* pointers[] = {grad_out, value, grad_value_acc};
   const int width = vector_width<T>(s, pointers, 2);
@@ -520,10 +623,10 @@ cudaError_t launch_backward(const Shape& s, const T* grad_out, const T* value, c
   const int acc_width = aligned(grad_value_acc, width * static_cast<int>(sizeof(typename Accumulate<T>::type)))
                             ? width : 1;
   switch (acc_width) {
-    case 8: return launch_backward_vec<T, (sizeof(T) <= 2 ? 8 : 1)>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, scatter, stream);
-    case 4: return launch_backward_vec<T, (sizeof(T) <= 4 ? 4 : 1)>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, scatter, stream);
-    case 2: return launch_backward_vec<T, 2>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, scatter, stream);
-    default: return launch_backward_vec<T, 1>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, scatter, stream);
+    case 8: return launch_backward_vec<T, (sizeof(T) <= 2 ? 8 : 1)>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, scheme, stream);
+    case 4: return launch_backward_vec<T, (sizeof(T) <= 4 ? 4 : 1)>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, scheme, stream);
+    case 2: return launch_backward_vec<T, 2>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, scheme, stream);
+    default: return launch_backward_vec<T, 1>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, scheme, stream);
   }
 }
 

@@ -2,9 +2,9 @@
 import pytest
 
 
-@pytest.fixture(params=["atomic", "tiled"])
-def scatter(request, monkeypatch):
-    """Runs a test with each CUDA backward: the value gradient scattered with global atomics
-    (default) or through a shared-memory window (INTERNIMAGE_DCNV3_CUDA_BACKWARD=tiled)."""
-    monkeypatch.setenv("INTERNIMAGE_DCNV3_CUDA_BACKWARD", request.param)
+@pytest.fixture(params=["untiled", "tiled"])
+def scheme(request, monkeypatch):
+    """Runs a test with each set of CUDA kernels: the default untiled ones and the tiled ones
+    that go through shared-memory windows (INTERNIMAGE_DCNV3_CUDA_TILED=1)."""
+    monkeypatch.setenv("INTERNIMAGE_DCNV3_CUDA_TILED", "1" if request.param == "tiled" else "0")
     return request.param

@@ -111,4 +111,7 @@ PROBLEMS = {
     "batch3": Problem(batch=3),
     "batch257": Problem(batch=257, height=3, width=4, groups=3, depth=8),
     "internimage_t_stage1": Problem(batch=2, height=56, width=56, groups=4, depth=16, offset_spread=1.0),
+    # Offsets of ~4 px put many samples on the edges of the tiled CUDA kernels' shared-memory
+    # windows (kernel reach + 3 px), where they switch between shared and global memory.
+    "window_edges": Problem(batch=2, height=20, width=21, groups=2, depth=16, offset_spread=4.0),
 }

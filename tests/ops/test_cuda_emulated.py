@@ -67,7 +67,7 @@ LABELS = ("output", "grad value", "grad offset", "grad mask")
 
 
 @pytest.mark.parametrize("name", PROBLEMS)
-def test_fp32_matches_reference(emulated, scatter, name):
+def test_fp32_matches_reference(emulated, scheme, name):
     problem, seed = PROBLEMS[name], zlib.crc32(name.encode())
     inputs = problem.make(torch.float32, generator_seed=seed)
     grad_out = _grad_out(problem, torch.float32, seed)
@@ -79,7 +79,7 @@ def test_fp32_matches_reference(emulated, scatter, name):
 # Every case but the 56×56 one, which takes 12 s in fp64 under the emulation (its fp32 run above
 # covers the same code path).
 @pytest.mark.parametrize("name", [name for name in PROBLEMS if name != "internimage_t_stage1"])
-def test_fp64_matches_reference_tightly(emulated, scatter, name):
+def test_fp64_matches_reference_tightly(emulated, scheme, name):
     problem = PROBLEMS[name]
     inputs = problem.make(torch.float64, generator_seed=5)
     grad_out = _grad_out(problem, torch.float64, 5)
@@ -90,7 +90,7 @@ def test_fp64_matches_reference_tightly(emulated, scatter, name):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", ["default", "depth3", "depth16", "depth32", "depth1024", "remove_center",
                                   "batch257", "internimage_t_stage1"])
-def test_half_precision_within_tolerance(emulated, scatter, name, dtype):
+def test_half_precision_within_tolerance(emulated, scheme, name, dtype):
     problem = PROBLEMS[name]
     inputs = problem.make(dtype, generator_seed=9, off_integer=True)
     grad_out = _grad_out(problem, dtype, 9)
@@ -101,7 +101,7 @@ def test_half_precision_within_tolerance(emulated, scatter, name, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_unaligned_tensors_take_narrower_vectors(emulated, scatter, dtype):
+def test_unaligned_tensors_take_narrower_vectors(emulated, scheme, dtype):
     problem = Problem(groups=2, depth=8)
     inputs = problem.make(dtype, generator_seed=4, off_integer=True)
     grad_out = _grad_out(problem, dtype, 4)
@@ -124,21 +124,21 @@ def test_tiled_backward_issues_far_fewer_global_atomics(emulated, monkeypatch):
     inputs = problem.make(torch.bfloat16, generator_seed=1)
     grad_out = _grad_out(problem, torch.bfloat16, 1)
     grads, counts = {}, {}
-    for scatter in ("atomic", "tiled"):
-        monkeypatch.setenv("INTERNIMAGE_DCNV3_CUDA_BACKWARD", scatter)
+    for tiled in ("0", "1"):
+        monkeypatch.setenv("INTERNIMAGE_DCNV3_CUDA_TILED", tiled)
         emulated.take_atomic_counts()
-        grads[scatter] = emulated.backward(grad_out, *inputs, *_params(problem))
-        counts[scatter] = emulated.take_atomic_counts()  # (global, shared)
-    assert counts["atomic"][1] == 0 and counts["tiled"][1] > 0
-    assert counts["atomic"][0] > 10 * counts["tiled"][0], counts
-    for label, a, b in zip(LABELS[1:], grads["tiled"], grads["atomic"]):
+        grads[tiled] = emulated.backward(grad_out, *inputs, *_params(problem))
+        counts[tiled] = emulated.take_atomic_counts()  # (global, shared)
+    assert counts["0"][1] == 0 and counts["1"][1] > 0
+    assert counts["0"][0] > 10 * counts["1"][0], counts
+    for label, a, b in zip(LABELS[1:], grads["1"], grads["0"]):
         torch.testing.assert_close(a, b, msg=lambda m: f"{label}: {m}")
 
 
 def test_emulation_exposes_missing_barriers_and_bad_launches(tmp_path):
     """The emulation itself: a block reduction without its __syncthreads reads unwritten (NaN)
-    shared memory, a shuffle some lanes skip deadlocks, a shuffle with an exited lane and launch
-    configurations CUDA refuses are errors."""
+    shared memory, a shuffle some lanes skip deadlocks, a shuffle with an exited lane, a write
+    past the end of shared memory and launch configurations CUDA refuses are errors."""
     _require_compiler()
     from torch.utils.cpp_extension import include_paths
     binary = tmp_path / "selftest"
@@ -154,5 +154,6 @@ def test_emulation_exposes_missing_barriers_and_bad_launches(tmp_path):
     assert results["launch_warp_sum"] == "ok" and results["warp_sum"] == "496 496"
     assert results["shuffle_in_divergent_branch"].startswith("deadlock")
     assert "exited" in results["shuffle_with_exited_lane"]
+    assert "past the end" in results["shared_overflow"]
     assert "2048 threads" in results["too_many_threads"]
     assert "opt-in" in results["too_much_shared_memory"]

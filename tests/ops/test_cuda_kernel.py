@@ -54,7 +54,7 @@ def _grad_out(problem, dtype):
 
 
 @pytest.mark.parametrize("name", PROBLEMS)
-def test_fp32_matches_reference(scatter, name):
+def test_fp32_matches_reference(scheme, name):
     problem = PROBLEMS[name]
     torch.manual_seed(zlib.crc32(name.encode()))
     inputs = problem.make(torch.float32, device="cuda", generator_seed=zlib.crc32(name.encode()))
@@ -69,7 +69,7 @@ def test_fp32_matches_reference(scatter, name):
 
 @pytest.mark.parametrize("name", ["default", "depth16", "depth30", "depth32", "depth64", "batch257",
                                   "internimage_t_stage1"])
-def test_fp64_matches_reference_tightly(scatter, name):
+def test_fp64_matches_reference_tightly(scheme, name):
     problem = PROBLEMS[name]
     inputs = problem.make(torch.float64, device="cuda", generator_seed=5)
     grad_out = _grad_out(problem, torch.float64)
@@ -81,7 +81,7 @@ def test_fp64_matches_reference_tightly(scatter, name):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", ["default", "depth3", "depth16", "depth32", "depth1024", "remove_center",
                                   "internimage_t_stage1"])
-def test_half_precision_within_tolerance(scatter, name, dtype):
+def test_half_precision_within_tolerance(scheme, name, dtype):
     problem = PROBLEMS[name]
     inputs = problem.make(dtype, device="cuda", generator_seed=9, off_integer=True)
     grad_out = _grad_out(problem, dtype)

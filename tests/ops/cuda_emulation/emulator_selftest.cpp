@@ -41,6 +41,12 @@ __global__ void shuffle_with_exited_lane(float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
 }
 
+// Thread 0 writes one float past the end of 128 floats of dynamic shared memory.
+__global__ void shared_overflow(float*) {
+  DCNV3_DYNAMIC_SHARED(float, partial);
+  if (threadIdx.x == 0) partial[kThreads] = 0;
+}
+
 __global__ void noop(float*) {}
 
 static void report(const char* name, cudaError_t error) {
@@ -65,6 +71,8 @@ int main() {
   report("shuffle_in_divergent_branch", cudaGetLastError());
   DCNV3_LAUNCH(1, 32, 0, nullptr, shuffle_with_exited_lane)(out.data());
   report("shuffle_with_exited_lane", cudaGetLastError());
+  DCNV3_LAUNCH(1, kThreads, kThreads * sizeof(float), nullptr, shared_overflow)(out.data());
+  report("shared_overflow", cudaGetLastError());
   DCNV3_LAUNCH(1, 2048, 0, nullptr, noop)(out.data());
   report("too_many_threads", cudaGetLastError());
   DCNV3_LAUNCH(1, 32, 64 * 1024, nullptr, noop)(out.data());
