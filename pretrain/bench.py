@@ -1,11 +1,17 @@
 """Training-step benchmark of one device: DeepSpeed (ZeRO stage, bf16) with checkpointing on/off.
 
     python -m internimage.pretrain.bench --model internimage_h --img-size 224 --micro-batch 8,16,32
+    python -m internimage.pretrain.bench --model internimage_h --img-size 224 --micro-batch max
 
 Synthetic uint8 images (no data pipeline), supervised objective, AdamW. For every micro-batch and
 checkpointing setting prints one JSON line: steps/s, images/s, TFLOP/s and MFU (fvcore multiply-adds
 per image × 6, peak from the device table; MFU omitted where the peak is unknown), peak memory.
 A micro-batch that does not fit is reported as ``"oom": true``.
+
+``--micro-batch max`` searches the largest micro-batch that fits (doubling from ``--max-start``,
+then bisecting to within 1/8), one short probe per size (1 warm-up + 1 timed step: the second step
+is the first with the optimizer states, so it reaches the peak), each printed with ``"probe": true``;
+then times the largest with the full step count, printed last with ``"largest": true``.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import json
 import os
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -22,7 +29,7 @@ from internimage.ops import use_reference
 
 from .metrics import device_peak_tflops, peak_memory_gib, train_tflops_per_image
 
-__all__ = ["bench_one", "main"]
+__all__ = ["bench_largest", "bench_one", "largest_fitting", "main"]
 
 
 def _init_single_process() -> None:
@@ -50,41 +57,25 @@ def _cfg(args, micro_batch: int, checkpointing: bool):
 
 def bench_one(args, micro_batch: int, checkpointing: bool, macs: int | None) -> dict:
     """Times ``args.steps`` optimizer steps after ``args.warmup`` untimed ones."""
-    from .engine import build_engine, build_module
-    from .optim import set_lr
-    cfg = _cfg(args, micro_batch, checkpointing)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     result = {"model": args.model, "img_size": args.img_size, "micro_batch": micro_batch,
               "checkpointing": checkpointing, "zero_stage": args.zero_stage, "precision": args.precision}
     engine = None
     try:
-        torch.manual_seed(0)
-        engine, optimizer = build_engine(cfg, build_module(cfg), 1)
-        set_lr(optimizer, 1e-4)
-        images = torch.randn(micro_batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
-        target = torch.softmax(torch.randn(micro_batch, args.num_classes, device=device), dim=-1)
-        label = torch.zeros(micro_batch, dtype=torch.long, device=device)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        for i in range(args.warmup + args.steps):
-            if i == args.warmup:
-                _sync()
-                t0 = time.perf_counter()
-            with use_reference(args.dcn_reference):
-                out = engine(image=images, target=target, label=label)
-            engine.backward(out["loss"])
-            engine.step()
-        _sync()
-        seconds = time.perf_counter() - t0
-    except torch.OutOfMemoryError:
+        engine = _build(args, micro_batch, checkpointing)
+        seconds = _timed_steps(engine, args, micro_batch)
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        if not _out_of_memory(error):
+            raise
         result["oom"] = True
-        return result
     finally:
-        del engine
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _release(engine)
+        engine = None
+        _free_memory()
+    if torch.cuda.is_available():
+        # What the engine left behind after its release: a leak would shrink every later probe.
+        result["allocated_after_release_gib"] = torch.cuda.memory_allocated() / 2**30
+    if result.get("oom"):
+        return result
     result.update(steps_per_s=args.steps / seconds, images_per_s=args.steps * micro_batch / seconds,
                   peak_memory_gib=peak_memory_gib())
     if macs:
@@ -95,6 +86,147 @@ def bench_one(args, micro_batch: int, checkpointing: bool, macs: int | None) -> 
             result["mfu"] = result["tflops"] / peak
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return result
+
+
+def _build(args, micro_batch: int, checkpointing: bool):
+    """The DeepSpeed engine, its module initialised on the device (H's 1.1 B parameters take tens
+    of seconds to initialise on the CPU, and a ``max`` search builds one engine per probe)."""
+    from .engine import build_engine, build_module
+    from .optim import set_lr
+    cfg = _cfg(args, micro_batch, checkpointing)
+    torch.manual_seed(0)
+    with torch.device(_device()):
+        module = build_module(cfg)
+    engine, optimizer = build_engine(cfg, module, 1)
+    set_lr(optimizer, 1e-4)
+    return engine
+
+
+def _timed_steps(engine, args, micro_batch: int) -> float:
+    """Seconds of ``args.steps`` training steps after ``args.warmup``; the batch and the activations
+    are locals, so they are gone once this returns or raises."""
+    device = _device()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    images = torch.randn(micro_batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
+    target = torch.softmax(torch.randn(micro_batch, args.num_classes, device=device), dim=-1)
+    label = torch.zeros(micro_batch, dtype=torch.long, device=device)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            _sync()
+            t0 = time.perf_counter()
+        with use_reference(args.dcn_reference):
+            out = engine(image=images, target=target, label=label)
+        engine.backward(out["loss"])
+        engine.step()
+    _sync()
+    return time.perf_counter() - t0
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """True for the caching allocator's OOM and for libraries that report a failed allocation as a
+    plain RuntimeError (cuBLAS/cuDNN workspaces, NCCL buffers)."""
+    message = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in message \
+        or "ALLOC_FAILED" in message
+
+
+def _release(engine) -> None:
+    """Drops what keeps a ZeRO-3 engine's module and optimizer alive after its last use (DeepSpeed
+    expects one engine per process): the engine's hooks, closures over both; DeepSpeed's global
+    forward-module stack, which holds the top module from the engine's start on and, after an
+    exception inside a forward, the submodules it was in; and the class-level ``lru_cache`` of the
+    parameter coordinator's release sets (keyed by coordinator and submodule, from the second step
+    on)."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    if engine is not None:
+        engine.destroy()
+    parameter_offload.FWD_MODULE_STACK.clear()
+    # The cached method sits under DeepSpeed's NVTX wrapper, in its closure.
+    wrapper = PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
+    for cell in wrapper.__closure__ or ():
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
+
+
+def _free_memory() -> None:
+    gc.collect()  # the engine, optimizer and hooks reference each other: only the collector frees them
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int = 8, limit: int = 4096,
+                    relative: int = 8) -> int:
+    """Largest micro-batch ``n`` in 1..``limit`` with ``fits(n)``, to within max(1, n // relative),
+    assuming every size below a fitting one fits; 0 when 1 does not fit. Doubles from ``start``
+    until the first failure (halves when ``start`` fails), then bisects strictly between the last
+    fit and the first failure, so no size is tried twice."""
+    if not 1 <= start <= limit:
+        raise ValueError(f"need 1 <= start <= limit, got start={start}, limit={limit}")
+    low, high = _bracket(fits, start, limit)
+    while high - low > max(1, low // relative):
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _bracket(fits: Callable[[int], bool], start: int, limit: int) -> tuple[int, int]:
+    """(a size that fits or 0, a larger one that does not or limit + 1), at most a factor 2 apart."""
+    if fits(start):
+        low = start
+        while low < limit:
+            high = min(2 * low, limit)
+            if not fits(high):
+                return low, high
+            low = high
+        return limit, limit + 1
+    high = start
+    while high > 1:
+        low = high // 2
+        if fits(low):
+            return low, high
+        high = low
+    return 0, 1
+
+
+def bench_largest(args, checkpointing: bool, macs: int | None) -> list[dict]:
+    """``--micro-batch max``: the probes' results, then the full timing of the largest that fits
+    (``"largest": true``, with ``"first_oom"``, the smallest size that did not)."""
+    probe_args = argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 1})
+    results: list[dict] = []
+
+    def fits(micro_batch: int) -> bool:
+        result = {**bench_one(probe_args, micro_batch, checkpointing, macs), "probe": True}
+        _emit(result)
+        results.append(result)
+        return not result.get("oom")
+
+    largest_fitting(fits, args.max_start, args.max_limit)
+    fitting = sorted((r["micro_batch"] for r in results if not r.get("oom")), reverse=True)
+    oom = [r["micro_batch"] for r in results if r.get("oom")]
+    final = {"model": args.model, "img_size": args.img_size, "micro_batch": 0,
+             "checkpointing": checkpointing, "oom": True}
+    # Largest first; the next smaller fit only if the longer run goes out of memory after all.
+    for micro_batch in fitting:
+        final = bench_one(args, micro_batch, checkpointing, macs)
+        if not final.get("oom"):
+            break
+    final.update(largest=True, first_oom=min(oom, default=None))
+    _emit(final)
+    return results + [final]
+
+
+def _emit(result: dict) -> None:
+    print(json.dumps(result), flush=True)
 
 
 def _sync() -> None:
@@ -115,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="internimage_t")
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--micro-batch", default="32", help="one size or a comma-separated list")
+    parser.add_argument("--micro-batch", default="32",
+                        help="one size, a comma-separated list, or 'max' (largest that fits)")
+    parser.add_argument("--max-start", type=int, default=8, help="'max': first size tried")
+    parser.add_argument("--max-limit", type=int, default=4096, help="'max': largest size tried")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -130,9 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     _init_single_process()
     macs = None if args.no_flops else _macs(args)
     settings = {"on": [True], "off": [False], "both": [False, True]}[args.checkpointing]
+    if args.micro_batch == "max":
+        for checkpointing in settings:
+            bench_largest(args, checkpointing, macs)
+        return 0
     for micro_batch in (int(b) for b in args.micro_batch.split(",")):
         for checkpointing in settings:
-            print(json.dumps(bench_one(args, micro_batch, checkpointing, macs)), flush=True)
+            _emit(bench_one(args, micro_batch, checkpointing, macs))
     return 0
 
 
