@@ -115,7 +115,7 @@ def dcnv3_core(value: Tensor, offset: Tensor, mask: Tensor, kernel_size=(3, 3), 
     kernel_size, stride = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
     pad, dilation = _pair(pad, "pad"), _pair(dilation, "dilation")
     value, offset, mask = _autocast(value, offset, mask)
-    check_inputs(value, offset, mask, kernel_size, stride, pad, dilation, groups, remove_center)
+    check_inputs(value, offset, mask, kernel_size, stride, pad, dilation, groups, remove_center, offset_scale)
     if not value.dtype.is_floating_point:
         raise TypeError(f"dcnv3_core: inputs must be floating point, got {value.dtype}")
     return _dcnv3_core_op(value.contiguous(), offset.contiguous(), mask.contiguous(), *kernel_size,

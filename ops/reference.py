@@ -8,6 +8,8 @@ offset gradient there flips between the left and the right derivative.)
 """
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import torch
@@ -40,8 +42,10 @@ def output_size(in_size: int, kernel: int, stride: int, pad: int, dilation: int)
 
 
 def check_inputs(value: Tensor, offset: Tensor, mask: Tensor, kernel_size, stride, pad, dilation,
-                 groups: int, remove_center: bool) -> tuple[int, int, int]:
-    """Validates shapes, dtypes and devices; returns (H_out, W_out, points per group)."""
+                 groups: int, remove_center: bool, offset_scale: float) -> tuple[int, int, int]:
+    """Validates shapes, dtypes, devices and offset_scale; returns (H_out, W_out, points per group)."""
+    if not math.isfinite(offset_scale):
+        raise ValueError(f"dcnv3_core: offset_scale must be a finite number, got {offset_scale}")
     for name, tensor in (("value", value), ("offset", offset), ("mask", mask)):
         if tensor.dim() != 4:
             raise ValueError(f"dcnv3_core: {name} must be 4-D channels-last (N, H, W, C), "
@@ -89,7 +93,7 @@ def dcnv3_core_reference(value: Tensor, offset: Tensor, mask: Tensor, kernel_siz
     kernel_size, stride = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
     pad, dilation = _pair(pad, "pad"), _pair(dilation, "dilation")
     h_out, w_out, num_points = check_inputs(value, offset, mask, kernel_size, stride, pad, dilation,
-                                            groups, remove_center)
+                                            groups, remove_center, offset_scale)
     n, h_in, w_in, channels = value.shape
     depth = channels // groups
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, pad, dilation

@@ -70,8 +70,10 @@ struct Fiber {
   std::vector<char> stack;
   State state = State::kRunnable;
   // Values deposited by this thread's shuffles, double-buffered so one barrier per shuffle
-  // suffices: a thread cannot deposit twice more before its partner read the first.
+  // suffices: a thread cannot deposit twice more before its partner read the first. The lane
+  // mask tells shuffles apart, so lanes in different shuffle calls are caught.
   uint64_t shuffle_slot[2] = {0, 0};
+  int shuffle_lane_mask[2] = {0, 0};
   uint64_t shuffles = 0;
 };
 
@@ -254,12 +256,29 @@ struct Launch {
 
 inline unsigned char* dynamic_shared() { return block().dynamic_shared.data(); }
 
+inline bool in_shared_memory(const void* address) {
+  const Block& b = block();
+  const auto* byte = static_cast<const unsigned char*>(address);
+  return !b.dynamic_shared.empty() && byte >= b.dynamic_shared.data() &&
+         byte < b.dynamic_shared.data() + b.dynamic_shared.size();
+}
+
+// A GPU faults on a vector access that is not aligned to its size; the CPU would not.
+inline void check_aligned(const void* address, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(address) % bytes != 0)
+    fail("misaligned " + std::to_string(bytes) + "-byte vector access");
+}
+
 inline void count_atomic(const void* address) {
   Block& b = block();
-  const auto* byte = static_cast<const unsigned char*>(address);
-  const bool shared = !b.dynamic_shared.empty() && byte >= b.dynamic_shared.data() &&
-                      byte < b.dynamic_shared.data() + b.dynamic_shared.size();
-  ++(shared ? b.shared_atomics : b.global_atomics);
+  ++(in_shared_memory(address) ? b.shared_atomics : b.global_atomics);
+}
+
+// Vector atomics (sm_90) exist for global memory only, aligned to their size.
+inline void check_vector_atomic(const void* address, size_t bytes) {
+  if (in_shared_memory(address)) fail("vector atomicAdd on shared memory (global memory only)");
+  check_aligned(address, bytes);
+  count_atomic(address);
 }
 
 }  // namespace cuda_emulation
@@ -267,18 +286,19 @@ inline void count_atomic(const void* address) {
 // One OS thread runs everything, so plain read-modify-writes are atomic.
 template <typename T>
 inline T atomicAdd(T* address, T value) {
+  cuda_emulation::check_aligned(address, sizeof(T));
   cuda_emulation::count_atomic(address);
   const T old = *address;
   *address = old + value;
   return old;
 }
 inline void atomicAdd(float2* address, float2 value) {
-  cuda_emulation::count_atomic(address);
+  cuda_emulation::check_vector_atomic(address, sizeof(float2));
   address->x += value.x;
   address->y += value.y;
 }
 inline void atomicAdd(float4* address, float4 value) {
-  cuda_emulation::count_atomic(address);
+  cuda_emulation::check_vector_atomic(address, sizeof(float4));
   address->x += value.x;
   address->y += value.y;
   address->z += value.z;
@@ -301,10 +321,13 @@ inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   Fiber& self = b.fibers[me];
   const uint64_t count = ++self.shuffles;
   std::memcpy(&self.shuffle_slot[count & 1], &value, sizeof(T));
+  self.shuffle_lane_mask[count & 1] = lane_mask;
   yield(State::kAtWarpBarrier);
   const unsigned partner = (me & ~(kWarpSize - 1)) | ((me & (kWarpSize - 1)) ^ static_cast<unsigned>(lane_mask));
   if (partner >= b.fibers.size() || b.fibers[partner].shuffles < count)
     fail("shuffle reads lane " + std::to_string(partner) + ", which exited or does not exist");
+  if (b.fibers[partner].shuffle_lane_mask[count & 1] != lane_mask)
+    fail("lanes " + std::to_string(me) + " and " + std::to_string(partner) + " are in different shuffles");
   T out;
   std::memcpy(&out, &b.fibers[partner].shuffle_slot[count & 1], sizeof(T));
   return out;

@@ -8,6 +8,7 @@
 #endif
 #include <torch/extension.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -79,14 +80,22 @@ cuda::Scheme kernel_scheme() {
   return cuda::Scheme::kTiled;
 }
 
+// The kernels read each point's (dx, dy) as one 2-element vector, which must be aligned: a view
+// starting at an odd element (only hand-made views do) is copied first.
+at::Tensor with_aligned_pairs(const at::Tensor& offset) {
+  const bool aligned = reinterpret_cast<uintptr_t>(offset.data_ptr()) % (2 * offset.element_size()) == 0;
+  return aligned ? offset : offset.clone();
+}
+
 void check_launch(cudaError_t error, const char* what) {
   TORCH_CHECK(error == cudaSuccess, "dcnv3 CUDA kernel: ", what, " failed: ", cudaGetErrorString(error));
 }
 
-at::Tensor forward(const at::Tensor& value, const at::Tensor& offset, const at::Tensor& mask,
+at::Tensor forward(const at::Tensor& value, const at::Tensor& offset_in, const at::Tensor& mask,
                    int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                    int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups,
                    double offset_scale, bool remove_center) {
+  const at::Tensor offset = with_aligned_pairs(offset_in);
   const Shape s = checked_shape(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                 dilation_h, dilation_w, groups, offset_scale, remove_center);
   const DeviceGuard guard(value.device());
@@ -101,10 +110,11 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& offset, const at::
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& value,
-                                 const at::Tensor& offset, const at::Tensor& mask, int64_t kernel_h,
+                                 const at::Tensor& offset_in, const at::Tensor& mask, int64_t kernel_h,
                                  int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                                  int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups,
                                  double offset_scale, bool remove_center) {
+  const at::Tensor offset = with_aligned_pairs(offset_in);
   const Shape s = checked_shape(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                 dilation_h, dilation_w, groups, offset_scale, remove_center);
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == value.scalar_type() &&

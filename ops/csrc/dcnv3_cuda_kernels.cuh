@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 
 #include "dcnv3_geometry.h"
 
@@ -74,9 +75,27 @@ struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
 
+// Every vector access goes through these two: a GPU faults on a misaligned one, and the emulation
+// (where the CPU would not) checks the alignment here instead.
+template <typename T, int VEC>
+__device__ __forceinline__ Vec<T, VEC> load_vec(const T* ptr) {
+#if defined(DCNV3_CUDA_EMULATION)
+  cuda_emulation::check_aligned(ptr, sizeof(Vec<T, VEC>));
+#endif
+  return *reinterpret_cast<const Vec<T, VEC>*>(ptr);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* ptr, const Vec<T, VEC>& value) {
+#if defined(DCNV3_CUDA_EMULATION)
+  cuda_emulation::check_aligned(ptr, sizeof(Vec<T, VEC>));
+#endif
+  *reinterpret_cast<Vec<T, VEC>*>(ptr) = value;
+}
+
 template <typename T, int VEC>
 __device__ __forceinline__ void load_acc(const T* ptr, typename Accumulate<T>::type (&out)[VEC]) {
-  const Vec<T, VEC> raw = *reinterpret_cast<const Vec<T, VEC>*>(ptr);
+  const Vec<T, VEC> raw = load_vec<T, VEC>(ptr);
 #pragma unroll
   for (int k = 0; k < VEC; ++k) out[k] = to_acc(raw.v[k]);
 }
@@ -84,7 +103,7 @@ __device__ __forceinline__ void load_acc(const T* ptr, typename Accumulate<T>::t
 // acc += weight * ptr[0..VEC).
 template <typename T, int VEC, typename acc_t>
 __device__ __forceinline__ void add_scaled(acc_t (&acc)[VEC], acc_t weight, const T* ptr) {
-  const Vec<T, VEC> raw = *reinterpret_cast<const Vec<T, VEC>*>(ptr);
+  const Vec<T, VEC> raw = load_vec<T, VEC>(ptr);
 #pragma unroll
   for (int k = 0; k < VEC; ++k) acc[k] += weight * to_acc(raw.v[k]);
 }
@@ -94,7 +113,7 @@ __device__ __forceinline__ void store_from_acc(T* ptr, const typename Accumulate
   Vec<T, VEC> raw;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) raw.v[k] = from_acc<T>(in[k]);
-  *reinterpret_cast<Vec<T, VEC>*>(ptr) = raw;
+  store_vec<T, VEC>(ptr, raw);
 }
 
 // grad += weight * upstream, VEC elements from ptr on, as few atomic instructions as the
@@ -128,7 +147,7 @@ __device__ __forceinline__ void atomic_axpy(double* ptr, double weight, const do
 
 // Where an item's threads find their data.
 struct ItemIndex {
-  int item_valid;
+  bool item_valid;
   int lane;     // thread within the item, 0..TPI-1
   int64_t item; // (pixel, group) flattened, group fastest
   int group, h_out, w_out;
@@ -151,6 +170,16 @@ __device__ __forceinline__ ItemIndex item_index(const Shape& s, int tpi_log2, in
   return at;
 }
 
+// Calls visit(dy, dx, weight) for each corner of the footprint inside the image: (dy, dx) is its
+// position relative to (y0, x0), weight its bilinear weight.
+template <typename acc_t, typename Visit>
+__device__ __forceinline__ void for_each_corner(const Footprint<acc_t>& f, Visit&& visit) {
+  if (f.in_y0 && f.in_x0) visit(0, 0, f.w00());
+  if (f.in_y0 && f.in_x1) visit(0, 1, f.w01());
+  if (f.in_y1 && f.in_x0) visit(1, 0, f.w10());
+  if (f.in_y1 && f.in_x1) visit(1, 1, f.w11());
+}
+
 // The four bilinear corners of a footprint, VEC channels each from `corner` (the top-left one's
 // address) on; corners outside the image read 0. All loads are issued before any use.
 template <typename T, int VEC, typename acc_t>
@@ -163,6 +192,17 @@ __device__ __forceinline__ void load_corners(const Footprint<acc_t>& f, const T*
   if (f.in_y0 && f.in_x1) load_acc<T, VEC>(corner + pixel_stride, v01);
   if (f.in_y1 && f.in_x0) load_acc<T, VEC>(corner + row_stride, v10);
   if (f.in_y1 && f.in_x1) load_acc<T, VEC>(corner + row_stride + pixel_stride, v11);
+}
+
+// acc += m · the bilinear sample at footprint f of VEC channels, corners read from `corner` on.
+template <typename T, int VEC, typename acc_t>
+__device__ __forceinline__ void add_sample(acc_t (&acc)[VEC], const Footprint<acc_t>& f, acc_t m, const T* corner,
+                                           int row_stride, int pixel_stride) {
+  acc_t v00[VEC], v01[VEC], v10[VEC], v11[VEC];
+  load_corners<T, VEC>(f, corner, row_stride, pixel_stride, v00, v01, v10, v11);
+  const acc_t w00 = m * f.w00(), w01 = m * f.w01(), w10 = m * f.w10(), w11 = m * f.w11();
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] += w00 * v00[k] + w01 * v01[k] + w10 * v10[k] + w11 * v11[k];
 }
 
 template <typename T, int VEC>
@@ -184,16 +224,11 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
     for (int p = 0; p < points; ++p) {
-      const Vec<T, 2> dxy = *reinterpret_cast<const Vec<T, 2>*>(item_offset + 2 * p);
+      const Vec<T, 2> dxy = load_vec<T, 2>(item_offset + 2 * p);
       const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
       if (!f.contributes) continue;
-      const acc_t m = to_acc(item_mask[p]);
-      acc_t v00[VEC], v01[VEC], v10[VEC], v11[VEC];
-      load_corners<T, VEC>(f, image + (f.y0 * width_in + f.x0) * channels + channel, width_in * channels,
-                           channels, v00, v01, v10, v11);
-      const acc_t w00 = m * f.w00(), w01 = m * f.w01(), w10 = m * f.w10(), w11 = m * f.w11();
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) acc[k] += w00 * v00[k] + w01 * v01[k] + w10 * v10[k] + w11 * v11[k];
+      add_sample<T, VEC>(acc, f, to_acc(item_mask[p]), image + (f.y0 * width_in + f.x0) * channels + channel,
+                         width_in * channels, channels);
     }
     // item = pixel·G + group, so the item's output channels start at item·D.
     store_from_acc<T, VEC>(out + at.item * depth + channel, acc);
@@ -207,6 +242,11 @@ __global__ void __launch_bounds__(kBlockThreads)
 // memory instead of L1/L2; the backward accumulates the window's value gradient there and adds it
 // to global memory once, instead of one global atomic per sample and corner. Samples outside the
 // window take the untiled path, so the margin decides speed only, never the result.
+
+// Blocks of the tiled forward resident per SM: what four windows of at most 48 KB allow in an
+// H100's 228 KB of shared memory. Telling ptxas (so at most 64 registers) happens to keep it from
+// spilling in the fp32 instance, which it does when left to choose (measured with -Xptxas -v).
+constexpr int kTiledBlocksPerSM = 4;
 
 struct Tile {
   int tile_h, tile_w;      // output pixels
@@ -248,7 +288,7 @@ __device__ __forceinline__ TileSlot tile_slot(const Shape& s, const Tile& tile, 
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, kTiledBlocksPerSM)
     forward_tiled_kernel(const Shape s, const Tile tile, const T* __restrict__ value,
                          const T* __restrict__ offset, const T* __restrict__ mask, T* __restrict__ out,
                          int tpi_log2) {
@@ -268,8 +308,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) chunk.v[k] = from_acc<T>(acc_t(0));
     if (y >= 0 && y < height_in && x >= 0 && x < width_in)
-      chunk = *reinterpret_cast<const Vec<T, VEC>*>(image + (y * width_in + x) * channels + chunk_channel);
-    *reinterpret_cast<Vec<T, VEC>*>(window + cell * depth + chunk_channel) = chunk;
+      chunk = load_vec<T, VEC>(image + (y * width_in + x) * channels + chunk_channel);
+    store_vec<T, VEC>(window + cell * depth + chunk_channel, chunk);
   }
   __syncthreads();
   if (!at.pixel_valid || at.lane >= chunks) return;  // no barrier or shuffle follows
@@ -281,25 +321,24 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
   for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
   for (int p = 0; p < points; ++p) {
-    const Vec<T, 2> dxy = *reinterpret_cast<const Vec<T, 2>*>(item_offset + 2 * p);
+    const Vec<T, 2> dxy = load_vec<T, 2>(item_offset + 2 * p);
     const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
     if (!f.contributes) continue;
     const int wy = f.y0 - at.y_origin, wx = f.x0 - at.x_origin;
     const acc_t m = to_acc(item_mask[p]);
-    const acc_t w00 = m * f.w00(), w01 = m * f.w01(), w10 = m * f.w10(), w11 = m * f.w11();
     if (wy >= 0 && wy + 1 < tile.window_h && wx >= 0 && wx + 1 < tile.window_w) {
       // Shared memory is close: one corner at a time keeps registers free (no spills at VEC 8).
+      // Window cells outside the image hold zeros, so no corner needs an in-image test.
       const T* corner = window + (wy * tile.window_w + wx) * depth + channel;
-      add_scaled<T, VEC>(acc, w00, corner);
-      add_scaled<T, VEC>(acc, w01, corner + depth);
-      add_scaled<T, VEC>(acc, w10, corner + tile.window_w * depth);
-      add_scaled<T, VEC>(acc, w11, corner + (tile.window_w + 1) * depth);
-    } else {
-      acc_t v00[VEC], v01[VEC], v10[VEC], v11[VEC];
-      load_corners<T, VEC>(f, image + (f.y0 * width_in + f.x0) * channels + channel, width_in * channels,
-                           channels, v00, v01, v10, v11);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) acc[k] += w00 * v00[k] + w01 * v01[k] + w10 * v10[k] + w11 * v11[k];
+      add_scaled<T, VEC>(acc, m * f.w00(), corner);
+      add_scaled<T, VEC>(acc, m * f.w01(), corner + depth);
+      add_scaled<T, VEC>(acc, m * f.w10(), corner + tile.window_w * depth);
+      add_scaled<T, VEC>(acc, m * f.w11(), corner + (tile.window_w + 1) * depth);
+    } else {  // rare: one corner at a time here too keeps the registers of the common path
+      const T* corner = image + (f.y0 * width_in + f.x0) * channels + channel;
+      for_each_corner(f, [&](int dy, int dx, acc_t weight) {
+        add_scaled<T, VEC>(acc, m * weight, corner + (dy * width_in + dx) * channels);
+      });
     }
   }
   store_from_acc<T, VEC>(out + at.item * depth + channel, acc);
@@ -348,7 +387,7 @@ __device__ __forceinline__ void write_point_gradients(const Shape& s, int64_t it
   Vec<T, 2> g;
   g.v[0] = from_acc<T>(m * scale * grad_x);
   g.v[1] = from_acc<T>(m * scale * grad_y);
-  *reinterpret_cast<Vec<T, 2>*>(grad_offset + at * 2) = g;
+  store_vec<T, 2>(grad_offset + at * 2, g);
 }
 
 // grad_value_acc: fp32 (fp64 for double) gradient of value, zeroed by the caller; it may alias
@@ -373,7 +412,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const T* upstream_row = grad_out + item * depth;
 
   for (int p = 0; p < points; ++p) {
-    const Vec<T, 2> dxy = *reinterpret_cast<const Vec<T, 2>*>(offset + (item * points + p) * 2);
+    const Vec<T, 2> dxy = load_vec<T, 2>(offset + (item * points + p) * 2);
     const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
     const acc_t m = to_acc(mask[item * points + p]);
     acc_t grad_m = 0, grad_x = 0, grad_y = 0;
@@ -385,13 +424,52 @@ __global__ void __launch_bounds__(kBlockThreads)
       load_acc<T, VEC>(upstream_row + channel, up);
       const int corner = (f.y0 * width_in + f.x0) * channels + channel;
       point_gradients<T, VEC>(f, image + corner, width_in * channels, channels, up, grad_m, grad_x, grad_y);
-      if (f.in_y0 && f.in_x0) atomic_axpy<VEC>(grad_image + corner, m * f.w00(), up);
-      if (f.in_y0 && f.in_x1) atomic_axpy<VEC>(grad_image + corner + channels, m * f.w01(), up);
-      if (f.in_y1 && f.in_x0) atomic_axpy<VEC>(grad_image + corner + width_in * channels, m * f.w10(), up);
-      if (f.in_y1 && f.in_x1) atomic_axpy<VEC>(grad_image + corner + (width_in + 1) * channels, m * f.w11(), up);
+      for_each_corner(f, [&](int dy, int dx, acc_t weight) {
+        atomic_axpy<VEC>(grad_image + corner + (dy * width_in + dx) * channels, m * weight, up);
+      });
     }
     write_point_gradients<T>(s, item, p, at.item_valid && at.lane == 0, m, grad_m, grad_x, grad_y, tpi_log2,
                              grad_offset, grad_mask);
+  }
+}
+
+// The window is zeroed and flushed in pieces of up to 16 bytes: vector shared-memory accesses.
+template <typename acc_t, int VEC>
+constexpr int kWindowPiece = VEC * sizeof(acc_t) >= 16 ? static_cast<int>(16 / sizeof(acc_t)) : VEC;
+
+template <typename acc_t, int VEC>
+__device__ __forceinline__ void zero_window(acc_t* window, int elements) {
+  constexpr int kPiece = kWindowPiece<acc_t, VEC>;
+  Vec<acc_t, kPiece> zeros;
+#pragma unroll
+  for (int k = 0; k < kPiece; ++k) zeros.v[k] = acc_t(0);
+  for (int i = threadIdx.x; i < elements / kPiece; i += blockDim.x) store_vec<acc_t, kPiece>(window + i * kPiece, zeros);
+}
+
+// Adds the window to the global gradient. Neighbouring tiles' windows overlap, hence atomics;
+// chunks no sample reached (all zero) are skipped.
+template <typename acc_t, int VEC>
+__device__ __forceinline__ void flush_window(const Shape& s, const Tile& tile, const TileSlot& at,
+                                             const acc_t* window, acc_t* grad_image) {
+  constexpr int kPiece = kWindowPiece<acc_t, VEC>;
+  const int depth = static_cast<int>(s.depth), chunks = depth / VEC, channels = static_cast<int>(s.channels());
+  const int height_in = static_cast<int>(s.height_in), width_in = static_cast<int>(s.width_in);
+  for (int i = threadIdx.x; i < tile.window_h * tile.window_w * chunks; i += blockDim.x) {
+    const int cell = i / chunks, channel = (i % chunks) * VEC;
+    const int y = at.y_origin + cell / tile.window_w, x = at.x_origin + cell % tile.window_w;
+    if (y < 0 || y >= height_in || x < 0 || x >= width_in) continue;
+    acc_t sum[VEC];
+    bool touched = false;
+#pragma unroll
+    for (int first = 0; first < VEC; first += kPiece) {
+      const Vec<acc_t, kPiece> piece = load_vec<acc_t, kPiece>(window + cell * depth + channel + first);
+#pragma unroll
+      for (int k = 0; k < kPiece; ++k) {
+        sum[first + k] = piece.v[k];
+        touched = touched || piece.v[k] != acc_t(0);
+      }
+    }
+    if (touched) atomic_axpy<VEC>(grad_image + (y * width_in + x) * channels + channel, acc_t(1), sum);
   }
 }
 
@@ -405,66 +483,46 @@ __global__ void __launch_bounds__(kBlockThreads)
   DCNV3_DYNAMIC_SHARED(acc_t, window);
   const int channels = static_cast<int>(s.channels()), depth = static_cast<int>(s.depth);
   const int points = static_cast<int>(s.points), chunks = depth / VEC;
-  const int height_in = static_cast<int>(s.height_in), width_in = static_cast<int>(s.width_in);
+  const int width_in = static_cast<int>(s.width_in);
   const TileSlot at = tile_slot(s, tile, tpi_log2);
+  // No early return: every thread must reach the barriers and shuffles.
   const bool valid = at.pixel_valid && at.lane < chunks;
-  const int window_pixels = tile.window_h * tile.window_w;
-  for (int i = threadIdx.x; i < window_pixels * depth; i += blockDim.x) window[i] = acc_t(0);
+  zero_window<acc_t, VEC>(window, tile.window_h * tile.window_w * depth);
   __syncthreads();
 
   const int64_t image_base = at.batch * s.height_in * s.width_in * channels + at.group * depth;
   const T* image = value + image_base;
   acc_t* grad_image = grad_value_acc + image_base;
-  const int64_t item = at.item;
   const int channel = at.lane * VEC;
   acc_t up[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) up[k] = acc_t(0);
-  if (valid) load_acc<T, VEC>(grad_out + item * depth + channel, up);
+  if (valid) load_acc<T, VEC>(grad_out + at.item * depth + channel, up);
 
-  // grad += weight · upstream at input pixel (y, x): in the shared window when it lies there.
-  const auto scatter = [&](int y, int x, acc_t weight) {
-    const int wy = y - at.y_origin, wx = x - at.x_origin;
-    if (wy >= 0 && wy < tile.window_h && wx >= 0 && wx < tile.window_w) {
-      acc_t* cell = window + (wy * tile.window_w + wx) * depth + channel;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) atomicAdd(cell + k, weight * up[k]);
-    } else {
-      atomic_axpy<VEC>(grad_image + (y * width_in + x) * channels + channel, weight, up);
-    }
-  };
   for (int p = 0; p < points; ++p) {
-    const Vec<T, 2> dxy = *reinterpret_cast<const Vec<T, 2>*>(offset + (item * points + p) * 2);
+    const Vec<T, 2> dxy = load_vec<T, 2>(offset + (at.item * points + p) * 2);
     const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
-    const acc_t m = to_acc(mask[item * points + p]);
+    const acc_t m = to_acc(mask[at.item * points + p]);
     acc_t grad_m = 0, grad_x = 0, grad_y = 0;
     if (valid && f.contributes) {
       point_gradients<T, VEC>(f, image + (f.y0 * width_in + f.x0) * channels + channel, width_in * channels,
                               channels, up, grad_m, grad_x, grad_y);
-      if (f.in_y0 && f.in_x0) scatter(f.y0, f.x0, m * f.w00());
-      if (f.in_y0 && f.in_x1) scatter(f.y0, f.x0 + 1, m * f.w01());
-      if (f.in_y1 && f.in_x0) scatter(f.y0 + 1, f.x0, m * f.w10());
-      if (f.in_y1 && f.in_x1) scatter(f.y0 + 1, f.x0 + 1, m * f.w11());
+      for_each_corner(f, [&](int dy, int dx, acc_t weight) {
+        const int y = f.y0 + dy, x = f.x0 + dx, wy = y - at.y_origin, wx = x - at.x_origin;
+        if (wy >= 0 && wy < tile.window_h && wx >= 0 && wx < tile.window_w) {
+          acc_t* cell = window + (wy * tile.window_w + wx) * depth + channel;
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) atomicAdd(cell + k, m * weight * up[k]);
+        } else {
+          atomic_axpy<VEC>(grad_image + (y * width_in + x) * channels + channel, m * weight, up);
+        }
+      });
     }
-    write_point_gradients<T>(s, item, p, at.pixel_valid && at.lane == 0, m, grad_m, grad_x, grad_y, tpi_log2,
+    write_point_gradients<T>(s, at.item, p, at.pixel_valid && at.lane == 0, m, grad_m, grad_x, grad_y, tpi_log2,
                              grad_offset, grad_mask);
   }
   __syncthreads();
-
-  // Neighbouring tiles' windows overlap: add with atomics, skipping chunks no sample reached.
-  for (int i = threadIdx.x; i < window_pixels * chunks; i += blockDim.x) {
-    const int cell = i / chunks, flush_channel = (i % chunks) * VEC;
-    const int y = at.y_origin + cell / tile.window_w, x = at.x_origin + cell % tile.window_w;
-    if (y < 0 || y >= height_in || x < 0 || x >= width_in) continue;
-    acc_t sum[VEC];
-    bool touched = false;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      sum[k] = window[cell * depth + flush_channel + k];
-      touched = touched || sum[k] != acc_t(0);
-    }
-    if (touched) atomic_axpy<VEC>(grad_image + (y * width_in + x) * channels + flush_channel, acc_t(1), sum);
-  }
+  flush_window<acc_t, VEC>(s, tile, at, window, grad_image);
 }
 
 template <typename T, int VEC>
@@ -515,41 +573,39 @@ enum class Scheme { kUntiled, kTiled };
 constexpr int kTileMargin = 3;                   // input pixels beyond the kernel's reach, when they fit
 constexpr size_t kTileSharedBytes = 48 * 1024;   // the most a kernel gets without an opt-in attribute
 
+inline size_t window_bytes(const Shape& s, const Tile& tile, size_t element_bytes) {
+  return static_cast<size_t>(tile.window_h) * tile.window_w * s.depth * element_bytes;
+}
+
 // A tiled kernel's geometry for `chunks` chunks per item and a window of `element_bytes` per
-// channel; tiles_y == 0 when it cannot run (more chunks than a warp has lanes, no window fits in
-// shared memory, or more blocks than a grid holds).
-inline Tile plan_tile(const Shape& s, int chunks, int tpi_log2, size_t element_bytes) {
-  Tile t{};
+// channel; none when it cannot run (more chunks than a warp has lanes, a kernel grid reaching
+// far or a stride so large that no window fits in shared memory, more blocks than a grid holds).
+inline std::optional<Tile> plan_tile(const Shape& s, int chunks, int tpi_log2, size_t element_bytes) {
   const auto reach = [&](int64_t kernel, int64_t dilation) {
     const int64_t centre = dilation * (kernel - 1) / 2;
     return std::ceil(std::fabs(s.offset_scale) * static_cast<double>(std::max(centre, dilation * (kernel - 1) - centre)));
   };
   const double reach_h = reach(s.kernel_h, s.dilation_h), reach_w = reach(s.kernel_w, s.dilation_w);
-  if (chunks > 32 || reach_h > 64 || reach_w > 64 || s.stride_h > 64 || s.stride_w > 64) return t;
+  // Written so that a NaN reach (the binding refuses a non-finite offset_scale) also bails out.
+  if (chunks > 32 || !(reach_h <= 64 && reach_w <= 64) || s.stride_h > 64 || s.stride_w > 64) return std::nullopt;
+  Tile t{};
   const int pixels = kBlockThreads >> tpi_log2;
   int pixels_log2 = 0;
   while ((1 << pixels_log2) < pixels) ++pixels_log2;
   t.tile_w = 1 << ((pixels_log2 + 1) / 2);  // square, or twice as wide as high
   t.tile_h = pixels / t.tile_w;
+  t.tiles_y = static_cast<int>((s.height_out + t.tile_h - 1) / t.tile_h);
+  t.tiles_x = static_cast<int>((s.width_out + t.tile_w - 1) / t.tile_w);
+  if (s.batch * t.tiles_y * t.tiles_x * s.groups >= (int64_t{1} << 31)) return std::nullopt;
   t.reach_h = static_cast<int>(reach_h);
   t.reach_w = static_cast<int>(reach_w);
   for (t.margin = kTileMargin; t.margin >= 0; --t.margin) {
     // Rows from the first location's floor to the last one's floor + 1.
     t.window_h = (t.tile_h - 1) * static_cast<int>(s.stride_h) + 2 * (t.reach_h + t.margin) + 2;
     t.window_w = (t.tile_w - 1) * static_cast<int>(s.stride_w) + 2 * (t.reach_w + t.margin) + 2;
-    if (static_cast<size_t>(t.window_h) * t.window_w * s.depth * element_bytes <= kTileSharedBytes) {
-      t.tiles_y = static_cast<int>((s.height_out + t.tile_h - 1) / t.tile_h);
-      t.tiles_x = static_cast<int>((s.width_out + t.tile_w - 1) / t.tile_w);
-      if (s.batch * t.tiles_y * t.tiles_x * s.groups >= (int64_t{1} << 31)) t.tiles_y = 0;
-      return t;
-    }
+    if (window_bytes(s, t, element_bytes) <= kTileSharedBytes) return t;
   }
-  t.tiles_y = 0;
-  return t;
-}
-
-inline size_t window_bytes(const Shape& s, const Tile& tile, size_t element_bytes) {
-  return static_cast<size_t>(tile.window_h) * tile.window_w * s.depth * element_bytes;
+  return std::nullopt;
 }
 
 inline unsigned tile_blocks(const Shape& s, const Tile& tile) {
@@ -562,10 +618,9 @@ cudaError_t launch_forward_vec(const Shape& s, const T* value, const T* offset, 
   const int64_t items = s.pixels_out() * s.groups;
   const int tpi_log2 = threads_per_item_log2(s.depth / VEC);
   if (scheme == Scheme::kTiled) {
-    const Tile tile = plan_tile(s, static_cast<int>(s.depth / VEC), tpi_log2, sizeof(T));
-    if (tile.tiles_y > 0) {
-      DCNV3_LAUNCH(tile_blocks(s, tile), kBlockThreads, window_bytes(s, tile, sizeof(T)), stream,
-                   forward_tiled_kernel<T, VEC>)(s, tile, value, offset, mask, out, tpi_log2);
+    if (const auto tile = plan_tile(s, static_cast<int>(s.depth / VEC), tpi_log2, sizeof(T))) {
+      DCNV3_LAUNCH(tile_blocks(s, *tile), kBlockThreads, window_bytes(s, *tile, sizeof(T)), stream,
+                   forward_tiled_kernel<T, VEC>)(s, *tile, value, offset, mask, out, tpi_log2);
       return cudaGetLastError();
     }
   }
@@ -596,10 +651,9 @@ cudaError_t launch_backward_vec(const Shape& s, const T* grad_out, const T* valu
   const int64_t items = s.pixels_out() * s.groups;
   const int tpi_log2 = threads_per_item_log2(s.depth / VEC);
   if (scheme == Scheme::kTiled) {
-    const Tile tile = plan_tile(s, static_cast<int>(s.depth / VEC), tpi_log2, sizeof(acc_t));
-    if (tile.tiles_y > 0) {
-      DCNV3_LAUNCH(tile_blocks(s, tile), kBlockThreads, window_bytes(s, tile, sizeof(acc_t)), stream,
-                   backward_tiled_kernel<T, VEC>)(s, tile, grad_out, value, offset, mask, grad_value_acc,
+    if (const auto tile = plan_tile(s, static_cast<int>(s.depth / VEC), tpi_log2, sizeof(acc_t))) {
+      DCNV3_LAUNCH(tile_blocks(s, *tile), kBlockThreads, window_bytes(s, *tile, sizeof(acc_t)), stream,
+                   backward_tiled_kernel<T, VEC>)(s, *tile, grad_out, value, offset, mask, grad_value_acc,
                                                   grad_offset, grad_mask, tpi_log2);
       return cudaGetLastError();
     }
@@ -617,7 +671,7 @@ cudaError_t launch_backward(const Shape& s, const T* grad_out, const T* value, c
                             const T* mask, typename Accumulate<T>::type* grad_value_acc, T* grad_offset,
                             T* grad_mask, Scheme scheme, cudaStream_t stream) {
   if (s.pixels_out() == 0) return cudaSuccess;
-  const void* pointers[] = {grad_out, value, grad_value_acc};
+  const void* pointers[] = {grad_out, value};
   const int width = vector_width<T>(s, pointers, 2);
   // The accumulation buffer is wider than T: check its alignment for the same element count.
   const int acc_width = aligned(grad_value_acc, width * static_cast<int>(sizeof(typename Accumulate<T>::type)))

@@ -4,6 +4,8 @@
 
 #include <torch/extension.h>
 
+#include <cmath>
+
 #include "dcnv3_geometry.h"
 
 namespace dcnv3 {
@@ -27,6 +29,7 @@ inline Shape make_shape(const at::Tensor& value, const at::Tensor& offset, const
               " not divisible by groups=", groups);
   TORCH_CHECK(!remove_center || (kernel_h == kernel_w && kernel_h % 2 == 1),
               "dcnv3: remove_center needs a square odd kernel");
+  TORCH_CHECK(std::isfinite(offset_scale), "dcnv3: offset_scale must be a finite number, got ", offset_scale);
   Shape s;
   s.batch = value.size(0);
   s.height_in = value.size(1);

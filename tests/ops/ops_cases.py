@@ -97,6 +97,7 @@ PROBLEMS = {
     "pad0": Problem(pad=(0, 0)),
     "pad2": Problem(pad=(2, 2)),
     "offset_scale2": Problem(offset_scale=2.0),
+    "offset_scale_negative": Problem(offset_scale=-1.5),
     "remove_center": Problem(remove_center=True),
     "far_outside": Problem(offset_spread=25.0),
     "kernel5x3_mixed": Problem(kernel=(5, 3), stride=(2, 1), pad=(2, 0), dilation=(1, 2), width=11),

@@ -115,9 +115,11 @@ def test_deterministic_mode_refuses_the_atomic_backward():
 
 def test_unaligned_views_still_work():
     problem = Problem(groups=2, depth=8)
-    value, offset, mask = problem.make(torch.bfloat16, device="cuda", generator_seed=4, off_integer=True)
-    # A storage offset of one element breaks 16-byte alignment: the kernel must pick narrower loads.
-    shifted = torch.empty(value.numel() + 1, dtype=value.dtype, device="cuda")[1:].view(value.shape)
-    shifted.copy_(value)
-    torch.testing.assert_close(ops.dcnv3_core(shifted, offset, mask, **problem.kwargs()),
-                               ops.dcnv3_core(value, offset, mask, **problem.kwargs()))
+    inputs = problem.make(torch.bfloat16, device="cuda", generator_seed=4, off_integer=True)
+
+    def shifted(t):  # a storage offset of one element breaks every vector's alignment
+        view = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")[1:].view(t.shape)
+        return view.copy_(t)
+
+    torch.testing.assert_close(ops.dcnv3_core(*[shifted(t) for t in inputs], **problem.kwargs()),
+                               ops.dcnv3_core(*inputs, **problem.kwargs()))

@@ -32,6 +32,13 @@ def test_channels_not_divisible_by_groups():
         ops.dcnv3_core(value, offset, mask, groups=3)
 
 
+@pytest.mark.parametrize("offset_scale", [float("nan"), float("inf")])
+def test_non_finite_offset_scale_is_refused(offset_scale):
+    value, offset, mask = _inputs()
+    with pytest.raises(ValueError, match="offset_scale must be a finite number"):
+        ops.dcnv3_core(value, offset, mask, groups=2, offset_scale=offset_scale)
+
+
 def test_mixed_dtypes_are_an_error_outside_autocast():
     value, offset, mask = _inputs()
     with pytest.raises(TypeError, match="share a dtype"):
