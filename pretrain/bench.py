@@ -46,7 +46,8 @@ def _init_single_process() -> None:
 
 def _cfg(args, micro_batch: int, checkpointing: bool):
     from .config import load_config
-    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+    # realpath: the repository, also when pretrain/ is reached through a link (the GPU check's shim)
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "configs", "demo.yaml")
     overrides = [f"model.name={args.model}", f"model.num_classes={args.num_classes}", "model.arch={}",
                  f"model.grad_checkpointing={str(checkpointing).lower()}", f"model.dcn_reference={str(args.dcn_reference).lower()}",
                  "model.drop_path_rate=null", f"data.img_size={args.img_size}",
@@ -234,9 +235,14 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _macs(args) -> int:
+def _macs(args) -> int | None:
+    """fvcore multiply-adds per image; None with ``--no-flops``, ``--gmacs`` when given."""
+    if args.no_flops:
+        return None
+    if args.gmacs:
+        return round(args.gmacs * 1e9)
     from internimage.model import count_flops, create_model
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    with torch.device(_device()):
         model = create_model(args.model, num_classes=args.num_classes)
     macs = count_flops(model, args.img_size)
     del model
@@ -261,9 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dcn-reference", action="store_true",
                         help="run DCNv3 through the pure-PyTorch reference instead of the fused kernel")
     parser.add_argument("--no-flops", action="store_true", help="skip the fvcore count (no TFLOP/s, MFU)")
+    parser.add_argument("--gmacs", type=float, default=None,
+                        help="multiply-adds per image, 1e9 (from an earlier run's gmacs_per_image): "
+                             "skips the fvcore count, which takes tens of seconds for H")
     args = parser.parse_args(argv)
     _init_single_process()
-    macs = None if args.no_flops else _macs(args)
+    macs = _macs(args)
     settings = {"on": [True], "off": [False], "both": [False, True]}[args.checkpointing]
     if args.micro_batch == "max":
         for checkpointing in settings:
