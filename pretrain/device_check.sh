@@ -69,6 +69,8 @@ install_wheels() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl >> "$OUT/setup.log" 2>&1 || { note "wheels: install failed"; exit 2; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  python3 -c "import deepspeed, fvcore, pydantic, simplejpeg, webdataset; print('wheels: deepspeed', deepspeed.__version__, 'pydantic', pydantic.VERSION)" 2>> "$OUT/setup.log" | tail -1 | tee -a "$SUMMARY"
+  [ "${PIPESTATUS[0]}" = 0 ] || { note "wheels: installed but not importable (setup.log)"; exit 2; }
   note "wheels: installed at $(elapsed) s"
 }
 
