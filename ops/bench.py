@@ -9,25 +9,28 @@ and backward medians of ours, of the reference and (GPU, if the PyPI ``DCNv4`` p
 of DCNv4; the speed-up; the bytes the op must move at least (forward: value + offset + mask +
 output; backward: value + offset + mask + grad_output + the three gradients), the achieved GB/s,
 the floor (those bytes over the measured copy bandwidth) and ours/floor. Numbers, not a test.
-On CUDA, ``INTERNIMAGE_DCNV3_CUDA_TILED=1`` times the tiled kernels (shared-memory windows) instead
-of the default untiled ones (recorded in the JSON's environment).
+On CUDA, ``--tiled`` also times the tiled kernels (shared-memory windows, selected per call by
+``INTERNIMAGE_DCNV3_CUDA_TILED=1``) right after the default untiled ones, on the same inputs.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from . import extension
 from .dcnv3 import dcnv3_core
 from .reference import dcnv3_core_reference
+
+TILED_ENV = "INTERNIMAGE_DCNV3_CUDA_TILED"
 
 # SPEC §1: stage-1 channels and groups per stage; stages halve the side from 56 at 224².
 VARIANTS = {"t": (64, (4, 8, 16, 32)), "h": (320, (10, 20, 40, 80))}
@@ -121,7 +124,21 @@ def _dcnv4_pack(offset: torch.Tensor, mask: torch.Tensor, groups: int) -> torch.
     return torch.nn.functional.pad(packed, (0, pad)).contiguous()
 
 
-def bench_shape(shape: BenchShape, dtype, device, repeats, with_reference, dcnv4) -> Row:
+@contextlib.contextmanager
+def tiled_kernels(enabled: bool) -> Iterator[None]:
+    """Within this block the CUDA extension runs its tiled kernels (it reads the switch per call)."""
+    previous = os.environ.get(TILED_ENV)
+    os.environ[TILED_ENV] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[TILED_ENV]
+        else:
+            os.environ[TILED_ENV] = previous
+
+
+def bench_shape(shape: BenchShape, dtype, device, repeats, with_reference, dcnv4, tiled=False) -> Row:
     value, offset, mask = make_inputs(shape, dtype, device)
     grad = torch.randn(shape.batch, shape.side, shape.side, shape.channels, device=device, dtype=dtype)
     element = value.element_size()
@@ -130,9 +147,12 @@ def bench_shape(shape: BenchShape, dtype, device, repeats, with_reference, dcnv4
     row.bytes_bwd = row.bytes_fwd + (value.numel() + offset.numel() + mask.numel()) * element
     params = (*PARAMS, shape.groups, 1.0, False)
 
-    row.ms["ours_fwd"] = median_ms(lambda: dcnv3_core(value, offset, mask, groups=shape.groups), device, repeats)
     backward_op = torch.ops.internimage.dcnv3_core_backward
-    row.ms["ours_bwd"] = median_ms(lambda: backward_op(grad, value, offset, mask, *params), device, repeats)
+    for name, scheme in (("ours", False), ("tiled", True))[:1 + tiled]:
+        with tiled_kernels(scheme):
+            row.ms[f"{name}_fwd"] = median_ms(lambda: dcnv3_core(value, offset, mask, groups=shape.groups),
+                                              device, repeats)
+            row.ms[f"{name}_bwd"] = median_ms(lambda: backward_op(grad, value, offset, mask, *params), device, repeats)
 
     if with_reference:
         leaves = [t.clone().requires_grad_(True) for t in (value, offset, mask)]
@@ -168,6 +188,11 @@ def summarise(row: Row, bandwidth_gbs: float) -> dict:
            "ours_fwd_gbs": row.bytes_fwd / ms["ours_fwd"] / 1e6, "ours_bwd_gbs": row.bytes_bwd / ms["ours_bwd"] / 1e6,
            "ours_over_floor_fwd": ms["ours_fwd"] / floor_fwd, "ours_over_floor_bwd": ms["ours_bwd"] / floor_bwd,
            "notes": row.notes}
+    if "tiled_fwd" in ms:
+        out["tiled_speedup_fwd"] = ms["ours_fwd"] / ms["tiled_fwd"]
+        out["tiled_speedup_bwd"] = ms["ours_bwd"] / ms["tiled_bwd"]
+        out["tiled_over_floor_fwd"] = ms["tiled_fwd"] / floor_fwd
+        out["tiled_over_floor_bwd"] = ms["tiled_bwd"] / floor_bwd
     for other in ("ref", "dcnv4"):
         if f"{other}_fwd" in ms:
             out[f"speedup_vs_{other}_fwd"] = ms[f"{other}_fwd"] / ms["ours_fwd"]
@@ -180,7 +205,7 @@ def summarise(row: Row, bandwidth_gbs: float) -> dict:
 def format_table(results: list[dict]) -> str:
     head = (f"{'shape':<10} {'N':>3} {'side':>4} {'G':>3} {'D':>3} | {'ours f/b ms':>15} | {'ref f/b ms':>15} | "
             f"{'x ref f+b':>8} | {'dcnv4 f/b ms':>15} | {'x dcnv4 f/b':>11} | {'GB/s f/b':>11} | "
-            f"{'floor f/b ms':>15} | {'/floor f/b':>10}")
+            f"{'floor f/b ms':>15} | {'/floor f/b':>10} | {'tiled f/b ms':>15} | {'x untiled f/b':>13}")
     lines = [head, "-" * len(head)]
     for r in results:
         ms = r["ms"]
@@ -189,13 +214,15 @@ def format_table(results: list[dict]) -> str:
         v4 = pair(ms["dcnv4_fwd"], ms["dcnv4_bwd"]) if "dcnv4_fwd" in ms else "-"
         v4x = (f"{r['speedup_vs_dcnv4_fwd']:5.2f}/{r['speedup_vs_dcnv4_bwd']:5.2f}"
                if "dcnv4_fwd" in ms else "-")
+        tiled = pair(ms["tiled_fwd"], ms["tiled_bwd"]) if "tiled_fwd" in ms else "-"
+        tiled_x = (f"{r['tiled_speedup_fwd']:5.2f}/{r['tiled_speedup_bwd']:5.2f}" if "tiled_fwd" in ms else "-")
         lines.append(
             f"{r['name']:<10} {r['batch']:>3} {r['side']:>4} {r['groups']:>3} {r['depth']:>3} | "
             f"{pair(ms['ours_fwd'], ms['ours_bwd']):>15} | {ref:>15} | "
             f"{r.get('speedup_vs_ref_fwd_bwd', float('nan')):8.2f} | {v4:>15} | {v4x:>11} | "
             f"{r['ours_fwd_gbs']:5.1f}/{r['ours_bwd_gbs']:5.1f} | "
             f"{pair(r['floor_fwd_ms'], r['floor_bwd_ms']):>15} | "
-            f"{r['ours_over_floor_fwd']:4.1f}/{r['ours_over_floor_bwd']:4.1f}")
+            f"{r['ours_over_floor_fwd']:4.1f}/{r['ours_over_floor_bwd']:4.1f} | {tiled:>15} | {tiled_x:>13}")
     return "\n".join(lines)
 
 
@@ -210,7 +237,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--json", default=None, help="write the results (and the environment) here")
     parser.add_argument("--no-reference", action="store_true", help="skip timing the reference")
     parser.add_argument("--no-dcnv4", action="store_true", help="skip the DCNv4 baseline")
+    parser.add_argument("--tiled", action="store_true", help="also time the tiled CUDA kernels")
     args = parser.parse_args(argv)
+    if args.tiled and args.device != "cuda":
+        parser.error("--tiled: only the CUDA kernels have a tiled variant")
     device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     batch = args.batch or (64 if device == "cuda" else 8)
@@ -222,13 +252,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bandwidth = copy_bandwidth_gbs(device)
     results = []
     for shape in shapes_for(args.variants.split(","), batch):
-        row = bench_shape(shape, dtype, device, repeats, not args.no_reference, dcnv4)
+        row = bench_shape(shape, dtype, device, repeats, not args.no_reference, dcnv4, args.tiled)
         results.append(summarise(row, bandwidth))
         print(f"done {shape.name}", flush=True)
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype),
-           "copy_bandwidth_gbs": bandwidth, "dcnv4": dcnv4_error or "timed", "repeats": repeats,
-           "cuda_kernels": "tiled" if os.environ.get("INTERNIMAGE_DCNV3_CUDA_TILED", "0") == "1" else "untiled"}
+           "copy_bandwidth_gbs": bandwidth, "dcnv4": dcnv4_error or "timed", "repeats": repeats}
     print(f"# {env}")
     print(format_table(results))
     if args.json:
