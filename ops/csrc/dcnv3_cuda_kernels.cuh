@@ -194,6 +194,17 @@ __device__ __forceinline__ void load_corners(const Footprint<acc_t>& f, const T*
   if (f.in_y1 && f.in_x1) load_acc<T, VEC>(corner + row_stride + pixel_stride, v11);
 }
 
+// Calls visit(footprint, mask weight) for each sampling point of an item that lands on the image.
+template <typename T, typename acc_t = typename Accumulate<T>::type, typename Visit>
+__device__ __forceinline__ void for_each_sample(const Shape& s, int h_out, int w_out, const T* item_offset,
+                                                const T* item_mask, Visit&& visit) {
+  for (int p = 0; p < static_cast<int>(s.points); ++p) {
+    const Vec<T, 2> dxy = load_vec<T, 2>(item_offset + 2 * p);
+    const auto f = footprint<acc_t>(s, h_out, w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
+    if (f.contributes) visit(f, to_acc(item_mask[p]));
+  }
+}
+
 // acc += m · the bilinear sample at footprint f of VEC channels, corners read from `corner` on.
 template <typename T, int VEC, typename acc_t>
 __device__ __forceinline__ void add_sample(acc_t (&acc)[VEC], const Footprint<acc_t>& f, acc_t m, const T* corner,
@@ -223,13 +234,10 @@ __global__ void __launch_bounds__(kBlockThreads)
     acc_t acc[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
-    for (int p = 0; p < points; ++p) {
-      const Vec<T, 2> dxy = load_vec<T, 2>(item_offset + 2 * p);
-      const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
-      if (!f.contributes) continue;
-      add_sample<T, VEC>(acc, f, to_acc(item_mask[p]), image + (f.y0 * width_in + f.x0) * channels + channel,
-                         width_in * channels, channels);
-    }
+    for_each_sample<T>(s, at.h_out, at.w_out, item_offset, item_mask, [&](const Footprint<acc_t>& f, acc_t m) {
+      add_sample<T, VEC>(acc, f, m, image + (f.y0 * width_in + f.x0) * channels + channel, width_in * channels,
+                         channels);
+    });
     // item = pixel·G + group, so the item's output channels start at item·D.
     store_from_acc<T, VEC>(out + at.item * depth + channel, acc);
   }
@@ -320,12 +328,8 @@ __global__ void __launch_bounds__(kBlockThreads, kTiledBlocksPerSM)
   acc_t acc[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
-  for (int p = 0; p < points; ++p) {
-    const Vec<T, 2> dxy = load_vec<T, 2>(item_offset + 2 * p);
-    const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
-    if (!f.contributes) continue;
+  for_each_sample<T>(s, at.h_out, at.w_out, item_offset, item_mask, [&](const Footprint<acc_t>& f, acc_t m) {
     const int wy = f.y0 - at.y_origin, wx = f.x0 - at.x_origin;
-    const acc_t m = to_acc(item_mask[p]);
     if (wy >= 0 && wy + 1 < tile.window_h && wx >= 0 && wx + 1 < tile.window_w) {
       // Shared memory is close: one corner at a time keeps registers free (no spills at VEC 8).
       // Window cells outside the image hold zeros, so no corner needs an in-image test.
@@ -340,7 +344,7 @@ __global__ void __launch_bounds__(kBlockThreads, kTiledBlocksPerSM)
         add_scaled<T, VEC>(acc, m * weight, corner + (dy * width_in + dx) * channels);
       });
     }
-  }
+  });
   store_from_acc<T, VEC>(out + at.item * depth + channel, acc);
 }
 
