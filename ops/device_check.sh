@@ -17,10 +17,8 @@ elapsed() { echo $(( $(date +%s) - START )); }
 if [ "${DCNV4:-0}" = 1 ]; then
   (cd .dcnv4/DCNv4-*/ && python3 -m pip install -q --no-build-isolation --no-deps --no-index .) > "$OUT/dcnv4_build.log" 2>&1
 fi
-# The package maps repository folders to internimage.*: mirror that mapping with symlinks.
-mkdir -p /tmp/shim/internimage
-for sub in model ops data pretrain; do ln -sfn "$PWD/$sub" "/tmp/shim/internimage/$sub"; done
-export PYTHONPATH=/tmp/shim
+# shellcheck source=ops/device_shim.sh
+source ops/device_shim.sh
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 echo "our build rc=$? at $(elapsed) s" | tee -a "$OUT/build.log"
 python3 -c "from internimage.ops import extension as e; print('cuda kernel:', e.kernels_available('cuda'), e.load_error('cuda')); print('cpu kernel:', e.kernels_available('cpu'), e.load_error('cpu'))" 2>&1 | tee -a "$OUT/build.log"

@@ -117,10 +117,8 @@ data_bench() {
   stage data 90 "$SUMMARY" python3 -m internimage.data.bench $DATA_ARGS --json "$OUT/data_bench.json"
 }
 
-# The package maps repository folders to internimage.*: mirror that mapping with symlinks.
-mkdir -p /tmp/shim/internimage
-for sub in model ops data pretrain; do ln -sfn "$PWD/$sub" "/tmp/shim/internimage/$sub"; done
-export PYTHONPATH=/tmp/shim${PYTHONPATH:+:$PYTHONPATH}
+# shellcheck source=ops/device_shim.sh
+source ops/device_shim.sh
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, sys; print(sys.version); print(torch.__version__, torch.version.cuda)"
