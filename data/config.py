@@ -78,6 +78,10 @@ class DataConfig:
     tokenizer: str | None = None
     # Pin batches in page-locked memory for asynchronous host-to-GPU copies.
     pin_memory: bool = False
+    # A source stops the run with an error naming it when more than this share of its last
+    # failure_window samples in one worker failed (judged after 100 samples; 1.0: never).
+    max_failure_rate: float = 0.5
+    failure_window: int = 1000
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and how to fix it."""
@@ -91,7 +95,9 @@ class DataConfig:
             source.validate()
         _positive(self, "img_size", "batch_size", "context_length")
         _non_negative(self, "workers", "shuffle_buffer", "epoch_samples", "seed")
-        _probability(self, "hflip", "reprob", "mixup_prob", "mixup_switch_prob")
+        _probability(self, "hflip", "reprob", "mixup_prob", "mixup_switch_prob",
+                     "max_failure_rate")
+        _positive(self, "failure_window")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
         if self.mixup < 0 or self.cutmix < 0:

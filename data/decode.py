@@ -1,6 +1,8 @@
 """Decoding of the kept members of a sample: image, class index, caption.
 
-Only images, UTF-8 text, integer classes and JSON are ever decoded; nothing is unpickled. Images
+Only images, UTF-8 text, integer classes and JSON are ever decoded; nothing is unpickled, and only
+the Pillow plugins of ``PIL_FORMATS`` ever see image bytes (so no ``.jpg`` member can reach the EPS
+plugin, which runs Ghostscript, or TIFF/PSD/FITS parsers). Images
 are read header first so the transform can pick its crop, then only that crop is decoded, at the
 smallest DCT scale that still covers it at the output size.
 
@@ -42,6 +44,11 @@ except ImportError as error:  # built only where the libjpeg-turbo headers were 
 from .shards import IMAGE_EXTENSIONS
 
 
+# The image formats the data layer accepts: the only Pillow plugins that ever see member bytes.
+PIL_FORMATS = ("JPEG", "PNG", "WEBP")
+# Largest class id a .cls may hold when the model's class count is not known: int64's range.
+MAX_CLASS_ID = 2**63 - 1
+
 # What PIL raises on bytes that are not a valid image (truncated, corrupt, bomb, wrong format).
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, Image.DecompressionBombError,
                 Image.DecompressionBombWarning)
@@ -55,8 +62,23 @@ class DecodeError(Exception):
         self.reason = reason
 
 
-def image_bytes(members: dict[str, bytes]) -> bytes | None:
-    for ext in IMAGE_EXTENSIONS:
+def guarded(reason: str, function, *args):
+    """``function(*args)``; any exception it raises becomes a DecodeError for ``reason``.
+
+    Hostile bytes reach third-party parsers (PIL, json, int) whose failure modes are open-ended
+    (RecursionError, OverflowError, struct.error, ...); listing them would miss the next one.
+    """
+    try:
+        return function(*args)
+    except DecodeError:
+        raise
+    except Exception as error:  # noqa: BLE001 - one bad sample must never stop a run
+        raise DecodeError(reason, f"{type(error).__name__}: {error}") from error
+
+
+def image_bytes(members: dict[str, bytes], keys=IMAGE_EXTENSIONS) -> bytes | None:
+    """The first member among ``keys`` (extensions in order of preference), or None."""
+    for ext in keys:
         if ext in members:
             return members[ext]
     return None
@@ -65,11 +87,12 @@ def image_bytes(members: dict[str, bytes]) -> bytes | None:
 def open_image(data: bytes) -> Image.Image:
     """Open lazily (header only); raises PIL/OS errors on bytes that are not an image.
 
-    Images over PIL's ``MAX_IMAGE_PIXELS`` (decompression bombs) are refused, not decoded.
+    Images over PIL's ``MAX_IMAGE_PIXELS`` (decompression bombs) are refused, not decoded. Only
+    the ``PIL_FORMATS`` plugins are tried, whatever the member's extension says.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     if image.width < 1 or image.height < 1:
         raise OSError(f"empty image {image.size}")
     return image
@@ -188,12 +211,14 @@ class EncodedImage:
         return np.array(image)
 
 
-def decode_class(data: bytes) -> int:
-    """``b"417\\n"`` -> 417."""
+def decode_class(data: bytes, num_classes: int | None = None) -> int:
+    """``b"417\\n"`` -> 417; ValueError unless 0 <= id < num_classes (int64's range if None)."""
     text = data.decode("ascii").strip()
     value = int(text)
-    if value < 0:
-        raise ValueError(f"negative class {value}")
+    limit = MAX_CLASS_ID if num_classes is None else num_classes - 1
+    if not 0 <= value <= limit:
+        raise ValueError(f"class {value if len(text) < 40 else text[:40] + '...'} is outside "
+                         f"[0, {limit}]")
     return value
 
 
@@ -202,7 +227,10 @@ def decode_caption(members: dict[str, bytes]) -> str | None:
     if "txt" in members:
         return members["txt"].decode("utf-8").strip()
     if "json" in members:
-        meta = json.loads(members["json"].decode("utf-8"))
+        try:
+            meta = json.loads(members["json"].decode("utf-8"))
+        except RecursionError:  # nesting deeper than Python's stack: hostile, not a caption
+            raise ValueError("JSON nested too deeply") from None
         caption = meta.get("caption") if isinstance(meta, dict) else None
         if isinstance(caption, str):
             return caption.strip()

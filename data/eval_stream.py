@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .config import DataConfig
-from .decode import IMAGE_ERRORS, decode_caption, decode_class, image_bytes
-from .faults import CORRUPT_IMAGE, MISSING_KEY, TRUNCATED_TAR, SkipCounter
+from .decode import DecodeError, decode_caption, decode_class, guarded, image_bytes
+from .faults import BAD_LABEL, CORRUPT_IMAGE, MISSING_KEY, TRUNCATED_TAR, SkipCounter
 from .shards import check_shards_exist, expand_shards, iter_samples, shard_sample_counts
 from .tokenizer import Tokenizer
 from .transforms import eval_transform
@@ -69,9 +69,10 @@ def padding_batch(cfg: DataConfig, size: int | None = None) -> dict:
 class EvalStream(IterableDataset):
     """Batches of one rank's worker range; ``source`` is -1 (not a training source)."""
 
-    def __init__(self, cfg: DataConfig, plan: EvalPlan):
+    def __init__(self, cfg: DataConfig, plan: EvalPlan, num_classes: int | None = None):
         self.cfg = cfg
         self.plan = plan
+        self.num_classes = num_classes
 
     def __iter__(self):
         info = get_worker_info()
@@ -115,21 +116,26 @@ class EvalStream(IterableDataset):
         return np.zeros((size, size, 3), np.uint8), -1, None, False
 
     def _decode(self, raw, counter: SkipCounter):
-        data = image_bytes(raw.members)
-        if data is None:
-            counter.skip(MISSING_KEY, f"{raw.url}:{raw.key}")
-            return self._invalid()
+        """(image, label, caption, True), or an invalid row after counting the sample's skip.
+
+        As in training, whatever one sample raises is that sample's skip; a ``.cls`` that is
+        present but unusable makes the row invalid (``bad_label``), a missing one gives label -1.
+        """
         try:
-            pixels = eval_transform(data, self.cfg.img_size, self.cfg.eval_crop_ratio)
-        except IMAGE_ERRORS as error:
-            counter.skip(CORRUPT_IMAGE, f"{raw.url}:{raw.key}", error)
+            data = image_bytes(raw.members)
+            if data is None:
+                raise DecodeError(MISSING_KEY, "no .jpg/.jpeg/.png/.webp member")
+            label, caption = guarded(BAD_LABEL, self._target, raw)
+            pixels = guarded(CORRUPT_IMAGE, eval_transform, data, self.cfg.img_size,
+                              self.cfg.eval_crop_ratio)
+        except DecodeError as error:
+            counter.skip(error.reason, f"{raw.url}:{raw.key}", error)
             return self._invalid()
-        try:
-            label = decode_class(raw.members["cls"]) if "cls" in raw.members else -1
-            caption = decode_caption(raw.members)
-        except (UnicodeDecodeError, ValueError):
-            label, caption = -1, None
         return pixels, label, caption, True
+
+    def _target(self, raw) -> tuple[int, str | None]:
+        label = decode_class(raw.members["cls"], self.num_classes) if "cls" in raw.members else -1
+        return label, decode_caption(raw.members)
 
     def _collate(self, rows, tokenizer: Tokenizer) -> dict:
         batch = padding_batch(self.cfg)

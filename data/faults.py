@@ -16,7 +16,7 @@ OPEN_FAILED = "open_failed"          # shard missing, unreadable, or pipe comman
 TRUNCATED_TAR = "truncated_tar"      # tar ends early or has a corrupt header
 CORRUPT_IMAGE = "corrupt_image"      # image bytes do not decode
 MISSING_KEY = "missing_key"          # no image, or no label of the source's kind
-BAD_LABEL = "bad_label"              # .cls not an integer, .txt not UTF-8
+BAD_LABEL = "bad_label"              # .cls not a class id in range, caption not UTF-8 / bad JSON
 REASONS = (OPEN_FAILED, TRUNCATED_TAR, CORRUPT_IMAGE, MISSING_KEY, BAD_LABEL)
 
 
@@ -44,3 +44,28 @@ class SkipCounter:
 
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+class FailureRate:
+    """Share of failed samples among the last ``window`` samples of one source in one worker.
+
+    A ring of one byte per sample: O(1) per sample and ``window`` bytes of memory. ``exceeds``
+    answers only once ``min_samples`` were seen, so a single early failure never stops a run.
+    """
+
+    def __init__(self, window: int, min_samples: int = 100):
+        self.window = max(1, window)
+        self.min_samples = min(self.window, max(1, min_samples))
+        self._ring = bytearray(self.window)
+        self._next = 0
+        self.seen = 0
+        self.failures = 0
+
+    def record(self, failed: bool) -> None:
+        self.failures += failed - self._ring[self._next]
+        self._ring[self._next] = failed
+        self._next = (self._next + 1) % self.window
+        self.seen = min(self.seen + 1, self.window)
+
+    def exceeds(self, limit: float) -> bool:
+        return self.seen >= self.min_samples and self.failures > limit * self.seen

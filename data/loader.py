@@ -30,6 +30,11 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
 
 
+def _check_num_classes(num_classes: int | None) -> None:
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes={num_classes} must be >= 1 (or None: class ids unchecked)")
+
+
 def resolve_sources(cfg: DataConfig) -> list[SourceShards]:
     """Expand every source's pattern; fail now on patterns that name nothing."""
     sources = []
@@ -67,10 +72,13 @@ class TrainLoader:
     (B, context_length) (all 0: no caption); ``source`` int64 (B,) index into train_sources.
     """
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, state: dict | None = None):
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, state: dict | None = None,
+                 num_classes: int | None = None):
         cfg.validate()
         _check_rank(rank, world_size)
+        _check_num_classes(num_classes)
         self.cfg = cfg
+        self.num_classes = num_classes
         self.sources = resolve_sources(cfg)
         self.epoch_samples = epoch_samples(cfg, self.sources)
         self.steps_per_epoch = max(1, self.epoch_samples // (cfg.batch_size * world_size))
@@ -126,7 +134,7 @@ class TrainLoader:
         """The next batch; worker processes start on the first call and then stay up."""
         if self._loader_iter is None:
             dataset = TrainStream(self.cfg, self.sources, self.layout, self.batches,
-                                  list(self.slot_states))
+                                  list(self.slot_states), self.num_classes)
             loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
                                 prefetch_factor=2 if self.cfg.workers else None,
                                 pin_memory=self.cfg.pin_memory)
@@ -142,9 +150,13 @@ class TrainLoader:
 
 
 def build_train_loader(cfg: DataConfig, rank: int, world_size: int,
-                       state: dict | None = None) -> TrainLoader:
-    """The training loader of one rank; ``state`` is a previous ``state_dict()`` to resume."""
-    return TrainLoader(cfg, rank, world_size, state)
+                       state: dict | None = None, num_classes: int | None = None) -> TrainLoader:
+    """The training loader of one rank; ``state`` is a previous ``state_dict()`` to resume.
+
+    ``num_classes``: the model head's class count; a ``.cls`` id at or above it is a skipped
+    ``bad_label`` sample (None: any id in int64's range is kept).
+    """
+    return TrainLoader(cfg, rank, world_size, state, num_classes)
 
 
 class EvalLoader:
@@ -154,8 +166,11 @@ class EvalLoader:
     ranks (or standing in for a sample that failed to decode) have ``valid`` False.
     """
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int):
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int,
+                 num_classes: int | None = None):
         _check_rank(rank, world_size)
+        _check_num_classes(num_classes)
+        self.num_classes = num_classes
         if not cfg.val_shards:
             raise ValueError("build_eval_loader needs DataConfig.val_shards (a shard pattern)")
         self.cfg = cfg
@@ -166,7 +181,7 @@ class EvalLoader:
         return self.num_batches
 
     def __iter__(self):
-        dataset = EvalStream(self.cfg, self.plan)
+        dataset = EvalStream(self.cfg, self.plan, self.num_classes)
         workers = min(self.cfg.workers, len(self.plan.worker_ranges))
         loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                             prefetch_factor=2 if workers else None)
@@ -178,7 +193,11 @@ class EvalLoader:
             yield padding_batch(self.cfg)
 
 
-def build_eval_loader(cfg: DataConfig, rank: int, world_size: int) -> EvalLoader:
-    """Evaluation loader of one rank: every val sample once over all ranks, equal batch counts."""
-    return EvalLoader(cfg, rank, world_size)
+def build_eval_loader(cfg: DataConfig, rank: int, world_size: int,
+                      num_classes: int | None = None) -> EvalLoader:
+    """Evaluation loader of one rank: every val sample once over all ranks, equal batch counts.
+
+    ``num_classes`` as in ``build_train_loader``: a class id outside the head is an invalid row.
+    """
+    return EvalLoader(cfg, rank, world_size, num_classes)
 

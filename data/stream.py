@@ -17,16 +17,16 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .config import DataConfig
-from .decode import IMAGE_ERRORS, DecodeError, decode_caption, decode_class, image_bytes
-from .faults import BAD_LABEL, CORRUPT_IMAGE, MISSING_KEY, SkipCounter
+from .decode import DecodeError, decode_caption, decode_class, guarded, image_bytes
+from .faults import BAD_LABEL, CORRUPT_IMAGE, MISSING_KEY, FailureRate, SkipCounter
 from .shards import RawSample
 from .sources import SourceReader, SourceShards, worker_shards
 from .tokenizer import Tokenizer
 from .transforms import train_transform
 
 SAMPLE_STREAM = 3
-# A source whose first this-many samples in a worker all fail to decode is broken, not unlucky.
-NO_DECODE_LIMIT = 100
+# The failure rate of a source is judged only after this many of its samples in a worker.
+FAILURE_RATE_MIN_SAMPLES = 100
 STATE_KEY = "_state"
 
 
@@ -79,8 +79,10 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(self, cfg: DataConfig, sources: list[SourceShards], layout: Layout,
-                 start_batch: int, slot_states: list[dict | None]):
+                 start_batch: int, slot_states: list[dict | None],
+                 num_classes: int | None = None):
         self.cfg = cfg
+        self.num_classes = num_classes
         self.sources = sources
         self.layout = layout
         self.start_batch = start_batch
@@ -114,8 +116,8 @@ class SlotBuilder:
         self.counter = SkipCounter(counts=saved["skips"] if saved else None)
         self.saved = saved
         self.epoch = -1
-        self.decoded = [0] * len(stream.sources)
-        self.failed = [0] * len(stream.sources)
+        self.failure_rates = [FailureRate(self.cfg.failure_window, FAILURE_RATE_MIN_SAMPLES)
+                              for _ in stream.sources]
 
     def build(self, batch_number: int) -> dict:
         epoch = self.stream.layout.epoch_of(batch_number)
@@ -173,53 +175,50 @@ class SlotBuilder:
                 "source": torch.from_numpy(sources)}
 
     def _decode(self, index: int, raw: RawSample, rng: np.random.Generator):
-        """(image HWC uint8, label, caption) of one raw sample, or None after counting a skip."""
-        kind = self.stream.sources[index].kind
-        where = f"{raw.url}:{raw.key}"
+        """(image HWC uint8, label, caption) of one raw sample, or None after counting a skip.
+
+        Whatever one sample raises is that sample's skip (webdataset's ``warn_and_continue``):
+        counted under the reason of the step that failed, logged at a limited rate.
+        """
+        source = self.stream.sources[index]
         try:
-            label, caption = _read_target(raw, kind)
+            label, caption = guarded(BAD_LABEL, _read_target, raw, source.kind,
+                                      self.stream.num_classes)
             data = image_bytes(raw.members)
             if data is None:
                 raise DecodeError(MISSING_KEY, "no .jpg/.jpeg/.png/.webp member")
-            try:
-                pixels = train_transform(data, self.cfg, rng)
-            except IMAGE_ERRORS as error:
-                raise DecodeError(CORRUPT_IMAGE, str(error)) from error
+            pixels = guarded(CORRUPT_IMAGE, train_transform, data, self.cfg, rng)
         except DecodeError as error:
-            self.counter.skip(error.reason, where, error)
-            self._check_source_alive(index, decoded=False)
+            self.counter.skip(error.reason, f"{raw.url}:{raw.key}", error)
+            self._check_failure_rate(index, failed=True)
             return None
-        self._check_source_alive(index, decoded=True)
+        self._check_failure_rate(index, failed=False)
         return pixels, label, caption
 
-    def _check_source_alive(self, index: int, decoded: bool) -> None:
-        if decoded:
-            self.decoded[index] += 1
+    def _check_failure_rate(self, index: int, failed: bool) -> None:
+        rate = self.failure_rates[index]
+        rate.record(failed)
+        if not failed or not rate.exceeds(self.cfg.max_failure_rate):
             return
-        self.failed[index] += 1
-        if self.decoded[index] == 0 and self.failed[index] >= NO_DECODE_LIMIT:
-            source = self.stream.sources[index]
-            found = {k: v for k, v in self.counter.counts.items() if v}
-            raise RuntimeError(
-                f"source {source.name!r}: the first {self.failed[index]} samples read from "
-                f"pattern {source.pattern!r} all failed to decode (skips: {found}); check that "
-                f"the shards hold images and {'.cls' if source.kind == 'class' else '.txt'} "
-                f"members as kind={source.kind!r} expects")
+        source = self.stream.sources[index]
+        found = {k: v for k, v in self.counter.counts.items() if v}
+        raise RuntimeError(
+            f"source {source.name!r}: {rate.failures} of the last {rate.seen} samples read from "
+            f"pattern {source.pattern!r} failed to decode, more than max_failure_rate="
+            f"{self.cfg.max_failure_rate} (skips in this worker: {found}); check that the shards "
+            f"hold images and {'.cls' if source.kind == 'class' else '.txt'} members as "
+            f"kind={source.kind!r} expects, or raise DataConfig.max_failure_rate")
 
 
-def _read_target(raw: RawSample, kind: str) -> tuple[int, str | None]:
-    """Label (-1 for caption sources) and caption (None for class sources)."""
+def _read_target(raw: RawSample, kind: str, num_classes: int | None
+                 ) -> tuple[int, str | None]:
+    """Label (-1 for caption sources) and caption (None for class sources); a class id must be
+    below ``num_classes`` when it is given."""
     if kind == "class":
         if "cls" not in raw.members:
             raise DecodeError(MISSING_KEY, "no .cls member in a class source")
-        try:
-            return decode_class(raw.members["cls"]), None
-        except (UnicodeDecodeError, ValueError) as error:
-            raise DecodeError(BAD_LABEL, f"bad .cls: {error}") from error
-    try:
-        caption = decode_caption(raw.members)
-    except (UnicodeDecodeError, ValueError) as error:
-        raise DecodeError(BAD_LABEL, f"bad caption: {error}") from error
+        return decode_class(raw.members["cls"], num_classes), None
+    caption = decode_caption(raw.members)
     if caption is None:
         raise DecodeError(MISSING_KEY, "no .txt member (or json caption) in a caption source")
     return -1, caption

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import tarfile
 
 import numpy as np
 from PIL import Image
@@ -64,3 +65,19 @@ def take(loader, count: int) -> list[dict]:
 def shard_paths(pattern_dir: str, prefix: str = "train") -> list[str]:
     return sorted(os.path.join(pattern_dir, name) for name in os.listdir(pattern_dir)
                   if name.startswith(prefix + "-") and name.endswith(".tar"))
+
+
+def write_tar(path: str, members: list[tuple[str, bytes]]) -> str:
+    """A plain tar holding ``members`` (name, content) in order: any content, hostile included."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def class_members(key: str, label: int | bytes, seed: int = 0) -> list[tuple[str, bytes]]:
+    """The members of one class sample: a small JPEG and its .cls (raw bytes when given)."""
+    cls = label if isinstance(label, bytes) else str(label).encode()
+    return [(f"{key}.jpg", jpeg_bytes(seed)), (f"{key}.cls", cls)]

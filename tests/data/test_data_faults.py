@@ -114,7 +114,8 @@ def test_shards_without_the_expected_labels_stop_with_a_hint(tmp_path):
             writer.write(Sample(f"k{i}", jpeg_bytes(i), "jpg", label=1))
     cfg = small_config([SourceConfig("laion", writer.pattern(), kind="caption")],
                        shuffle_buffer=1)
-    with pytest.raises(RuntimeError, match=r"all failed to decode.*missing_key.*\.txt"):
+    with pytest.raises(RuntimeError, match=r"'laion': 100 of the last 100 samples.*"
+                                           r"failed to decode.*missing_key.*\.txt"):
         take(build_train_loader(cfg, 0, 1), 1)
 
 
