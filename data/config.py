@@ -17,12 +17,20 @@ class SourceConfig:
     those separated by ``::``, or a ``pipe:`` command. ``kind`` says which label the samples carry:
     ``"class"`` reads ``{key}.cls`` (an integer), ``"caption"`` reads ``{key}.txt`` (or the
     ``caption`` field of ``{key}.json``).
+
+    ``image_keys`` / ``class_keys`` / ``caption_keys``: the member extensions holding the image,
+    the class and the caption, first present wins (as open_clip's ``--image-key`` /
+    ``--text-key``); a caption key ending in ``json`` is read as JSON and its ``caption`` field
+    used. Only these members are read from the shards.
     """
 
     name: str
     shards: str
     weight: float = 1.0
     kind: str = "class"
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    class_keys: list[str] = field(default_factory=lambda: ["cls"])
+    caption_keys: list[str] = field(default_factory=lambda: ["txt", "json"])
 
     def validate(self) -> None:
         if not self.name:
@@ -35,6 +43,11 @@ class SourceConfig:
                              f"{SOURCE_KINDS}")
         if not self.weight > 0:
             raise ValueError(f"source {self.name!r}: weight={self.weight} must be > 0")
+        for name in ("image_keys", "class_keys", "caption_keys"):
+            keys = getattr(self, name)
+            if not keys or any(not key or "/" in key or key.startswith(".") for key in keys):
+                raise ValueError(f"source {self.name!r}: {name}={keys} must list member "
+                                 "extensions without the leading dot, e.g. ['jpg', 'png']")
 
 
 @dataclass
@@ -51,8 +64,15 @@ class DataConfig:
     batch_size: int = 64
     workers: int = 2
     # Samples per shuffle chunk, per source and worker; memory is about
-    # shuffle_buffer x mean sample bytes x sources x workers.
+    # shuffle_buffer x mean sample bytes x sources x workers, and a chunk also ends once it holds
+    # shuffle_buffer_mib of member bytes.
     shuffle_buffer: int = 1000
+    shuffle_buffer_mib: float = 512.0
+    # Largest member read: images in MiB, .cls/.txt/.json in KiB; a sample with a larger one is
+    # skipped ("oversized") without reading it. Captions are cut to 64 characters per token of
+    # context_length before tokenizing.
+    max_image_mib: float = 32.0
+    max_text_kib: float = 64.0
     seed: int = 0
     epoch_samples: int = 0
     # RandomResizedCrop: area fraction and aspect-ratio range of the crop.
@@ -97,7 +117,7 @@ class DataConfig:
         _non_negative(self, "workers", "shuffle_buffer", "epoch_samples", "seed")
         _probability(self, "hflip", "reprob", "mixup_prob", "mixup_switch_prob",
                      "max_failure_rate")
-        _positive(self, "failure_window")
+        _positive(self, "failure_window", "shuffle_buffer_mib", "max_image_mib", "max_text_kib")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
         if self.mixup < 0 or self.cutmix < 0:

@@ -222,13 +222,16 @@ def decode_class(data: bytes, num_classes: int | None = None) -> int:
     return value
 
 
-def decode_caption(members: dict[str, bytes]) -> str | None:
-    """The ``.txt`` caption, else the ``caption`` field of ``.json`` (img2dataset), else None."""
-    if "txt" in members:
-        return members["txt"].decode("utf-8").strip()
-    if "json" in members:
+def decode_caption(members: dict[str, bytes], keys=("txt", "json")) -> str | None:
+    """The caption of the first of ``keys`` present: a text member as it is, a key ending in
+    ``json`` by its ``caption`` field (img2dataset); None when there is none."""
+    for key in keys:
+        if key not in members:
+            continue
+        if not key.endswith("json"):
+            return members[key].decode("utf-8").strip()
         try:
-            meta = json.loads(members["json"].decode("utf-8"))
+            meta = json.loads(members[key].decode("utf-8"))
         except RecursionError:  # nesting deeper than Python's stack: hostile, not a caption
             raise ValueError("JSON nested too deeply") from None
         caption = meta.get("caption") if isinstance(meta, dict) else None

@@ -16,8 +16,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .config import DataConfig
 from .decode import DecodeError, decode_caption, decode_class, guarded, image_bytes
-from .faults import BAD_LABEL, CORRUPT_IMAGE, MISSING_KEY, TRUNCATED_TAR, SkipCounter
+from .faults import BAD_LABEL, CORRUPT_IMAGE, TRUNCATED_TAR, SkipCounter
 from .shards import check_shards_exist, expand_shards, iter_samples, shard_sample_counts
+from .sources import member_policy
+from .stream import sample_image
 from .tokenizer import Tokenizer
 from .transforms import eval_transform
 
@@ -73,6 +75,7 @@ class EvalStream(IterableDataset):
         self.cfg = cfg
         self.plan = plan
         self.num_classes = num_classes
+        self.policy = member_policy(cfg)
 
     def __iter__(self):
         info = get_worker_info()
@@ -99,7 +102,7 @@ class EvalStream(IterableDataset):
             if lo >= hi:
                 continue
             emitted = lo
-            for index, raw in enumerate(iter_samples(url, counter)):
+            for index, raw in enumerate(iter_samples(url, counter, self.policy)):
                 if index < lo:
                     continue
                 if index >= hi:
@@ -122,9 +125,7 @@ class EvalStream(IterableDataset):
         present but unusable makes the row invalid (``bad_label``), a missing one gives label -1.
         """
         try:
-            data = image_bytes(raw.members)
-            if data is None:
-                raise DecodeError(MISSING_KEY, "no .jpg/.jpeg/.png/.webp member")
+            data = sample_image(raw, self.policy)
             label, caption = guarded(BAD_LABEL, self._target, raw)
             pixels = guarded(CORRUPT_IMAGE, eval_transform, data, self.cfg.img_size,
                               self.cfg.eval_crop_ratio)
@@ -134,8 +135,9 @@ class EvalStream(IterableDataset):
         return pixels, label, caption, True
 
     def _target(self, raw) -> tuple[int, str | None]:
-        label = decode_class(raw.members["cls"], self.num_classes) if "cls" in raw.members else -1
-        return label, decode_caption(raw.members)
+        data = image_bytes(raw.members, self.policy.class_keys)
+        label = -1 if data is None else decode_class(data, self.num_classes)
+        return label, decode_caption(raw.members, self.policy.caption_keys)
 
     def _collate(self, rows, tokenizer: Tokenizer) -> dict:
         batch = padding_batch(self.cfg)

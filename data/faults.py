@@ -17,7 +17,8 @@ TRUNCATED_TAR = "truncated_tar"      # tar ends early or has a corrupt header
 CORRUPT_IMAGE = "corrupt_image"      # image bytes do not decode
 MISSING_KEY = "missing_key"          # no image, or no label of the source's kind
 BAD_LABEL = "bad_label"              # .cls not a class id in range, caption not UTF-8 / bad JSON
-REASONS = (OPEN_FAILED, TRUNCATED_TAR, CORRUPT_IMAGE, MISSING_KEY, BAD_LABEL)
+OVERSIZED = "oversized"              # a member over its size cap (max_image_mib / max_text_kib)
+REASONS = (OPEN_FAILED, TRUNCATED_TAR, CORRUPT_IMAGE, MISSING_KEY, BAD_LABEL, OVERSIZED)
 
 
 class SkipCounter:

@@ -19,7 +19,7 @@ from .config import DataConfig
 from .eval_stream import EvalStream, eval_plan, padding_batch
 from .faults import REASONS
 from .shards import check_shards_exist, expand_shards, read_sample_counts
-from .sources import SourceShards
+from .sources import SourceShards, member_policy
 from .stream import STATE_KEY, Layout, TrainStream
 
 LOGGER = logging.getLogger("internimage.data")
@@ -41,7 +41,8 @@ def resolve_sources(cfg: DataConfig) -> list[SourceShards]:
     for source in cfg.train_sources:
         urls = expand_shards(source.shards)
         check_shards_exist(source.shards, urls)
-        sources.append(SourceShards(source.name, source.kind, source.shards, urls))
+        sources.append(SourceShards(source.name, source.kind, source.shards, urls,
+                                    member_policy(cfg, source)))
     return sources
 
 

@@ -17,8 +17,9 @@ from typing import Iterator
 
 import numpy as np
 
+from .config import DataConfig, SourceConfig
 from .faults import SkipCounter
-from .shards import RawSample, iter_samples
+from .shards import DEFAULT_POLICY, MemberPolicy, RawSample, iter_samples
 
 PASS_STREAM = 1
 CHUNK_STREAM = 2
@@ -26,12 +27,24 @@ CHUNK_STREAM = 2
 
 @dataclass
 class SourceShards:
-    """A source's shards as one worker sees them."""
+    """A source's shards as one worker sees them, and which members of them are read."""
 
     name: str
     kind: str
     pattern: str
     urls: list[str]
+    policy: MemberPolicy = DEFAULT_POLICY
+
+
+def member_policy(cfg: DataConfig, source: SourceConfig | None = None) -> MemberPolicy:
+    """The members a source's samples are read with (``source`` None: the default keys, as for
+    the validation shards), capped by the config's sizes."""
+    keys = {}
+    if source is not None:
+        keys = {name: tuple(key.lower() for key in getattr(source, name))
+                for name in ("image_keys", "class_keys", "caption_keys")}
+    return MemberPolicy(**keys, max_image_bytes=int(cfg.max_image_mib * (1 << 20)),
+                        max_text_bytes=int(cfg.max_text_kib * (1 << 10)))
 
 
 def worker_shards(urls: list[str], global_worker: int, global_workers: int) -> list[str]:
@@ -49,10 +62,12 @@ class SourceReader:
     """Endless sample stream of one source in one worker, restorable from ``state()``."""
 
     def __init__(self, shards: SourceShards, seed_key: list[int], shuffle_buffer: int,
-                 counter: SkipCounter, state: dict | None = None):
+                 counter: SkipCounter, state: dict | None = None,
+                 chunk_bytes: int = 512 << 20):
         self.shards = shards
         self.seed_key = seed_key
         self.chunk_size = max(1, shuffle_buffer)
+        self.chunk_bytes = max(1, chunk_bytes)
         self.counter = counter
         state = state or {"chunk_start": [0, 0, 0], "chunk": 0, "offset": 0}
         self._cursor = list(state["chunk_start"])  # pass, position in pass, sample in shard
@@ -88,8 +103,14 @@ class SourceReader:
         return sample
 
     def _fill_chunk(self) -> None:
+        """Read the next chunk: ``chunk_size`` samples, or fewer once they hold ``chunk_bytes``
+        (sizes are part of the data, so a restore rebuilds the same chunk)."""
         self._chunk_start = list(self._cursor)
-        chunk = [next(self._raw) for _ in range(self.chunk_size)]
+        chunk: list[RawSample] = []
+        held = 0
+        while len(chunk) < self.chunk_size and held < self.chunk_bytes:
+            chunk.append(next(self._raw))
+            held += chunk[-1].nbytes
         rng = np.random.default_rng(self.seed_key + [CHUNK_STREAM, self._chunk_index])
         self._chunk = [chunk[i] for i in rng.permutation(len(chunk))]
         self._offset = 0
@@ -107,7 +128,8 @@ class SourceReader:
             yielded_in_pass = 0
             while position < len(order):
                 url = self.shards.urls[order[position]]
-                for index, sample in enumerate(iter_samples(url, self.counter)):
+                for index, sample in enumerate(iter_samples(url, self.counter,
+                                                            self.shards.policy)):
                     if index < skip:
                         continue
                     self._cursor = [pass_index, position, index + 1]

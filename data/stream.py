@@ -9,6 +9,7 @@ Each batch carries its slot's position after it was built, which is all a restor
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -18,9 +19,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .config import DataConfig
 from .decode import DecodeError, decode_caption, decode_class, guarded, image_bytes
-from .faults import BAD_LABEL, CORRUPT_IMAGE, MISSING_KEY, FailureRate, SkipCounter
-from .shards import RawSample
-from .sources import SourceReader, SourceShards, worker_shards
+from .faults import (BAD_LABEL, CORRUPT_IMAGE, MISSING_KEY, OVERSIZED, FailureRate,
+                     SkipCounter)
+from .shards import MemberPolicy, RawSample
+from .sources import SourceReader, worker_shards
 from .tokenizer import Tokenizer
 from .transforms import train_transform
 
@@ -137,12 +139,12 @@ class SlotBuilder:
         self.seed_key = key
         self.readers = []
         for index, source in enumerate(self.stream.sources):
-            mine = SourceShards(source.name, source.kind, source.pattern,
-                                worker_shards(source.urls, self.global_worker,
-                                              self.stream.layout.global_workers))
+            mine = dataclasses.replace(source, urls=worker_shards(
+                source.urls, self.global_worker, self.stream.layout.global_workers))
             self.readers.append(SourceReader(
                 mine, key + [index], self.cfg.shuffle_buffer, self.counter,
-                saved["sources"][index] if resume else None))
+                saved["sources"][index] if resume else None,
+                chunk_bytes=int(self.cfg.shuffle_buffer_mib * (1 << 20))))
 
     def _state(self, batch_number: int) -> dict:
         return {"epoch": self.epoch, "segment_start": self.segment_start, "draws": self.draws,
@@ -182,11 +184,9 @@ class SlotBuilder:
         """
         source = self.stream.sources[index]
         try:
-            label, caption = guarded(BAD_LABEL, _read_target, raw, source.kind,
-                                      self.stream.num_classes)
-            data = image_bytes(raw.members)
-            if data is None:
-                raise DecodeError(MISSING_KEY, "no .jpg/.jpeg/.png/.webp member")
+            label, caption = guarded(BAD_LABEL, _read_target, raw, source.kind, source.policy,
+                                     self.stream.num_classes)
+            data = sample_image(raw, source.policy)
             pixels = guarded(CORRUPT_IMAGE, train_transform, data, self.cfg, rng)
         except DecodeError as error:
             self.counter.skip(error.reason, f"{raw.url}:{raw.key}", error)
@@ -210,15 +210,33 @@ class SlotBuilder:
             f"kind={source.kind!r} expects, or raise DataConfig.max_failure_rate")
 
 
-def _read_target(raw: RawSample, kind: str, num_classes: int | None
+def sample_image(raw: RawSample, policy: MemberPolicy) -> bytes:
+    """The image member's bytes; DecodeError when it is missing or was over its size cap."""
+    check_not_oversized(raw)
+    data = image_bytes(raw.members, policy.image_keys)
+    if data is None:
+        raise DecodeError(MISSING_KEY, f"no image member (looked for {policy.image_keys})")
+    return data
+
+
+def check_not_oversized(raw: RawSample) -> None:
+    if raw.oversized:
+        raise DecodeError(OVERSIZED, f"members {raw.oversized} over their size cap, not read")
+
+
+def _read_target(raw: RawSample, kind: str, policy: MemberPolicy, num_classes: int | None
                  ) -> tuple[int, str | None]:
     """Label (-1 for caption sources) and caption (None for class sources); a class id must be
     below ``num_classes`` when it is given."""
+    check_not_oversized(raw)
     if kind == "class":
-        if "cls" not in raw.members:
-            raise DecodeError(MISSING_KEY, "no .cls member in a class source")
-        return decode_class(raw.members["cls"], num_classes), None
-    caption = decode_caption(raw.members)
+        data = image_bytes(raw.members, policy.class_keys)
+        if data is None:
+            raise DecodeError(MISSING_KEY, f"no class member {policy.class_keys} in a class "
+                                           "source")
+        return decode_class(data, num_classes), None
+    caption = decode_caption(raw.members, policy.caption_keys)
     if caption is None:
-        raise DecodeError(MISSING_KEY, "no .txt member (or json caption) in a caption source")
+        raise DecodeError(MISSING_KEY, f"no caption member {policy.caption_keys} in a caption "
+                                       "source")
     return -1, caption

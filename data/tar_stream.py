@@ -71,12 +71,12 @@ def open_decompressed(stream: IO[bytes]) -> IO[bytes]:
     return stream
 
 
-def iter_tar_files(stream: IO[bytes], wanted: Callable[[str], bool]
+def iter_tar_files(stream: IO[bytes], wanted: Callable[[str, int], bool]
                    ) -> Iterator[tuple[str, bytes | None]]:
     """Yield (name, data) for each regular file of the tar in ``stream``, in archive order.
 
-    ``data`` is the content when ``wanted(name)`` and the file is at most ``MAX_KEPT_SIZE``
-    bytes, else None (read past unkept). Raises ``TarFormatError`` where the archive is damaged,
+    ``data`` is the content when ``wanted(name, size in bytes)`` and the file is at most
+    ``MAX_KEPT_SIZE`` bytes, else None (read past unkept, in 1 MiB pieces). Raises ``TarFormatError`` where the archive is damaged,
     after yielding every file before the damage.
     """
     stream = open_decompressed(stream)
@@ -113,7 +113,7 @@ def iter_tar_files(stream: IO[bytes], wanted: Callable[[str], bool]
                 dataless = kind in DATALESS_TYPES or name.endswith("/")
                 _read_member(stream, 0 if dataless else size, keep=False)
                 continue
-            data = _read_member(stream, size, size <= MAX_KEPT_SIZE and wanted(name))
+            data = _read_member(stream, size, size <= MAX_KEPT_SIZE and wanted(name, size))
         except TarFormatError as error:
             error.headers_read = headers_read
             raise

@@ -15,6 +15,10 @@ PAD_ID = 0          # 0 everywhere a row has no caption or the caption ended
 START_ID = 1
 END_ID = 2
 BYTE_OFFSET = 3     # byte b has id b + 3
+# Captions are cut to this many characters per token of context before tokenizing: a token is
+# at least one character, so no tokenizer's first context_length tokens lie beyond the cut (bar
+# runs of whitespace), and a hostile 64 KiB caption costs microseconds, not a normalise pass.
+CHARS_PER_TOKEN = 64
 
 
 class Tokenizer:
@@ -54,6 +58,7 @@ class Tokenizer:
         for row, text in enumerate(texts):
             if text is None:
                 continue
+            text = text[: CHARS_PER_TOKEN * self.context_length]
             ids = [START_ID] + self.encode(text)[: self.context_length - 2] + [END_ID]
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
         return out

@@ -38,6 +38,7 @@ def write_faulty_shards(root, marker: str) -> dict:
     with tarfile.open(path, "w") as tar:
         for name, data in [("noimage.cls", b"3"), ("word.jpg", good), ("word.cls", b"seven"),
                            ("pickled.jpg", good), ("pickled.cls", b"94"),
+                           ("big.jpg", good), ("big.cls", b"95" + b" " * (65 << 10)),
                            ("pickled.pyd", pickle.dumps(WritesMarkerWhenUnpickled(marker)))]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -61,10 +62,11 @@ def test_each_fault_kind_is_skipped_and_counted(tmp_path):
     labels = [label for batch in take(loader, 12) for label in batch["label"].tolist()]
     counts = loader.skip_counts()
     assert set(counts) == {"open_failed", "truncated_tar", "corrupt_image", "missing_key",
-                           "bad_label"}
+                           "bad_label", "oversized"}
     for reason, count in counts.items():
         assert count > 0, reason
     assert 91 not in labels and 92 not in labels  # random bytes, truncated JPEG
+    assert 95 not in labels  # a .cls over max_text_kib is never read
     assert 94 in labels  # the sample beside the pickle is used; the pickle is not read
     assert not os.path.exists(marker), "shard content was unpickled"
 
@@ -128,3 +130,27 @@ def test_a_tar_cut_inside_its_first_member_counts_as_truncated_not_unopenable(tm
     counter = SkipCounter()
     assert list(iter_samples(str(cut), counter)) == []
     assert counter.counts["truncated_tar"] == 1 and counter.counts["open_failed"] == 0
+
+
+def test_a_cut_shard_keeps_every_sample_complete_before_the_cut(tmp_path):
+    with ShardWriter(str(tmp_path), "full", max_samples=100) as writer:
+        for i in range(10):
+            writer.write(Sample(f"k{i}", jpeg_bytes(i), "jpg", label=i))
+    full = tmp_path / "full-000000.tar"
+    with tarfile.open(full) as tar:
+        offsets = {member.name: (member.offset, member.offset_data) for member in tar}
+    data = full.read_bytes()
+
+    cut_in_header = tmp_path / "a-000000.tar"  # k5 is complete, k6's first header is cut
+    cut_in_header.write_bytes(data[: offsets["k6.jpg"][0] + 100])
+    counter = SkipCounter()
+    samples = list(iter_samples(str(cut_in_header), counter))
+    assert [s.key for s in samples] == [f"k{i}" for i in range(6)]
+    assert all(set(s.members) == {"jpg", "cls"} for s in samples)
+    assert counter.counts["truncated_tar"] == 1 and counter.total() == 1
+
+    cut_in_label = tmp_path / "b-000000.tar"  # k6's image is complete, its .cls is cut
+    cut_in_label.write_bytes(data[: offsets["k6.cls"][0] + 200])  # inside its header
+    samples = list(iter_samples(str(cut_in_label), SkipCounter()))
+    assert [s.key for s in samples] == [f"k{i}" for i in range(7)]
+    assert set(samples[-1].members) == {"jpg"}  # then a missing_key in the loader

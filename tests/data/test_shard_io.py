@@ -127,3 +127,30 @@ def test_missing_index_falls_back_to_counting(tmp_path):
 def test_writer_rejects_prefix_with_dash(tmp_path):
     with pytest.raises(ValueError, match="prefix"):
         ShardWriter(str(tmp_path), "in-22k")
+
+
+def test_a_source_reads_the_member_keys_it_names(tmp_path):
+    from internimage.data import SourceConfig, build_train_loader
+    from data_cases import small_config, take, write_tar
+
+    members = []
+    for i in range(6):  # open_clip-style custom keys, plus a .txt that must not be used
+        members += [(f"k{i}.photo", jpeg_bytes(i)), (f"k{i}.caption.txt", f"cat {i}".encode()),
+                    (f"k{i}.txt", b"ignored")]
+    shard = write_tar(str(tmp_path / "custom-000000.tar"), members)
+    source = SourceConfig("laion", shard, kind="caption", image_keys=["photo"],
+                          caption_keys=["caption.txt"])
+    cfg = small_config([source], epoch_samples=6, context_length=8)
+    loader = build_train_loader(cfg, 0, 1)
+    (batch,) = take(loader, 1)
+    assert loader.skip_counts()["missing_key"] == 0
+    texts = {bytes(t - 3 for t in row[1:6]).decode() for row in batch["text"].tolist()}
+    assert texts <= {f"cat {i}" for i in range(6)}
+
+
+def test_member_keys_are_validated_before_any_work():
+    from internimage.data import DataConfig, SourceConfig
+
+    cfg = DataConfig(train_sources=[SourceConfig("a", "x.tar", image_keys=[".jpg"])])
+    with pytest.raises(ValueError, match=r"image_keys=\['.jpg'\] must list member extensions"):
+        cfg.validate()

@@ -37,7 +37,7 @@ def tarfile_view(data: bytes) -> list[tuple[str, bytes]]:
         return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
 
 
-def ours(data: bytes, wanted=lambda name: True) -> list[tuple[str, bytes | None]]:
+def ours(data: bytes, wanted=lambda name, size: True) -> list[tuple[str, bytes | None]]:
     return list(iter_tar_files(io.BufferedReader(io.BytesIO(data)), wanted))
 
 
@@ -71,7 +71,7 @@ def test_compressed_archives_are_read_through(compress):
 
 def test_unwanted_members_are_skipped_unread():
     data = archive(tarfile.GNU_FORMAT, MEMBERS)
-    result = ours(data, wanted=lambda name: name.endswith(".cls"))
+    result = ours(data, wanted=lambda name, size: name.endswith(".cls"))
     assert [content for name, content in result if name.endswith(".cls")] == [b"17"]
     assert all(content is None for name, content in result if not name.endswith(".cls"))
 
@@ -90,7 +90,7 @@ def test_damage_raises_after_every_complete_file_before_it(damage, message, comp
     assert len(data) >= 3584  # header, 1794 bytes padded, header, 2 bytes padded, end blocks
     seen = []
     with pytest.raises(TarFormatError, match=message) as caught:
-        for name, _ in iter_tar_files(io.BytesIO(damage(data)), lambda name: True):
+        for name, _ in iter_tar_files(io.BytesIO(damage(data)), lambda name, size: True):
             seen.append(name)
     assert seen == [name for name, _ in MEMBERS[:complete]]
     assert caught.value.headers_read == headers  # valid headers before the damage
