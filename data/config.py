@@ -73,6 +73,9 @@ class DataConfig:
     # context_length before tokenizing.
     max_image_mib: float = 32.0
     max_text_kib: float = 64.0
+    # A pipe: or URL shard that delivers no byte for this long is given up (its process killed)
+    # and counted like a cut or unopenable shard.
+    read_timeout_s: float = 300.0
     seed: int = 0
     epoch_samples: int = 0
     # RandomResizedCrop: area fraction and aspect-ratio range of the crop.
@@ -117,7 +120,8 @@ class DataConfig:
         _non_negative(self, "workers", "shuffle_buffer", "epoch_samples", "seed")
         _probability(self, "hflip", "reprob", "mixup_prob", "mixup_switch_prob",
                      "max_failure_rate")
-        _positive(self, "failure_window", "shuffle_buffer_mib", "max_image_mib", "max_text_kib")
+        _positive(self, "failure_window", "shuffle_buffer_mib", "max_image_mib", "max_text_kib",
+                  "read_timeout_s")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
         if self.mixup < 0 or self.cutmix < 0:

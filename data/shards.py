@@ -13,12 +13,12 @@ import json
 import lzma
 import os
 import re
-import subprocess
 import zlib
 from dataclasses import dataclass, field
-from typing import IO, Iterator
+from typing import Iterator
 
 from .faults import OPEN_FAILED, TRUNCATED_TAR, SkipCounter
+from .opener import is_local, open_shard
 from .tar_stream import TarFormatError, iter_tar_files
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -34,13 +34,15 @@ DEFAULT_MAX_TEXT_BYTES = 64 << 10
 class MemberPolicy:
     """Which members of a sample are read (by extension, e.g. ``jpg`` or ``seg.png``), and at
     most how many bytes each: images up to ``max_image_bytes``, labels and captions up to
-    ``max_text_bytes``. A larger member is skipped unread and marks its sample ``oversized``."""
+    ``max_text_bytes``. A larger member is skipped unread and marks its sample ``oversized``.
+    A shard stream (pipe or URL) that delivers no byte for ``read_timeout_s`` is given up."""
 
     image_keys: tuple[str, ...] = IMAGE_EXTENSIONS
     class_keys: tuple[str, ...] = CLASS_EXTENSIONS
     caption_keys: tuple[str, ...] = CAPTION_EXTENSIONS
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+    read_timeout_s: float = 300.0
 
     def caps(self) -> dict[str, int]:
         """Extension -> largest size kept, in bytes."""
@@ -88,28 +90,16 @@ def expand_shards(pattern: str) -> list[str]:
     return urls
 
 
-def is_pipe(url: str) -> bool:
-    return url.startswith("pipe:")
-
-
 def check_shards_exist(pattern: str, urls: list[str]) -> None:
-    """Fail early when a pattern names no readable local file (typo, wrong directory)."""
+    """Fail early when a pattern's local paths name no readable file (typo, wrong directory);
+    URLs and ``pipe:`` commands are only known to work once they are read."""
     if not urls:
         raise ValueError(f"shard pattern {pattern!r} expands to no shard")
-    local = [url for url in urls if not is_pipe(url)]
+    local = [url for url in urls if is_local(url)]
     if local and not any(os.path.isfile(url) for url in local):
         raise FileNotFoundError(
             f"shard pattern {pattern!r} expands to {len(local)} local paths and none exists "
             f"(first: {local[0]!r}); check the directory and the brace range")
-
-
-def open_shard(url: str) -> tuple[IO[bytes], subprocess.Popen | None]:
-    """Open a shard for sequential reading; returns the stream and the pipe process if any."""
-    if is_pipe(url):
-        process = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL)
-        return process.stdout, process
-    return open(url, "rb", buffering=1 << 20), None
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -143,8 +133,8 @@ def iter_samples(url: str, counter: SkipCounter, policy: MemberPolicy = DEFAULT_
     members that were complete, as webdataset does; a missing one is then its ``missing_key``).
     """
     try:
-        stream, process = open_shard(url)
-    except OSError as error:
+        stream = open_shard(url, policy.read_timeout_s)
+    except Exception as error:  # noqa: BLE001 - OSError, gopen's ValueError, a missing CLI, ...
         counter.skip(OPEN_FAILED, url, error)
         return
     caps = policy.caps()
@@ -158,7 +148,7 @@ def iter_samples(url: str, counter: SkipCounter, policy: MemberPolicy = DEFAULT_
         return cap is not None
 
     yielded = 0
-    failed = False
+    closed = False
     try:
         current: RawSample | None = None
         try:
@@ -174,24 +164,24 @@ def iter_samples(url: str, counter: SkipCounter, policy: MemberPolicy = DEFAULT_
                     current.members[ext] = data
                 elif name == over_cap[0]:
                     current.oversized.append(ext)
+            closed, failure = True, stream.close()
+            if failure is not None:
+                counter.skip(OPEN_FAILED, url, failure)
             if current is not None:
                 yield current
-                yielded += 1
         except (TarFormatError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
-            failed = True
+            closed = True
+            failure = stream.close(abandoned=isinstance(error, TimeoutError))
             # A tar whose first member is already damaged is truncated too; a stream with no
             # valid header at all is not a tar (or cannot be opened as one).
             started = yielded or current is not None or getattr(error, "headers_read", 0) > 0
             reason = TRUNCATED_TAR if started else OPEN_FAILED
-            counter.skip(reason, url, error)
+            counter.skip(reason, url, f"{error}; {failure}" if failure else error)
             if current is not None:  # counted first: the consumer may stop after this sample
                 yield current
     finally:
-        stream.close()
-        if process is not None:
-            process.wait()
-            if process.returncode not in (0, None) and not failed:
-                counter.skip(OPEN_FAILED, url, f"pipe exited with {process.returncode}")
+        if not closed:  # the consumer stopped early: what is left of the stream is not needed
+            stream.close(abandoned=True)
 
 
 def index_path(url: str) -> str:
@@ -206,7 +196,7 @@ def read_sample_counts(urls: list[str]) -> dict[str, int] | None:
     indexes: dict[str, dict[str, int]] = {}
     counts: dict[str, int] = {}
     for url in urls:
-        if is_pipe(url):
+        if not is_local(url):
             return None
         path = index_path(url)
         if path not in indexes:

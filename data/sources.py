@@ -44,7 +44,8 @@ def member_policy(cfg: DataConfig, source: SourceConfig | None = None) -> Member
         keys = {name: tuple(key.lower() for key in getattr(source, name))
                 for name in ("image_keys", "class_keys", "caption_keys")}
     return MemberPolicy(**keys, max_image_bytes=int(cfg.max_image_mib * (1 << 20)),
-                        max_text_bytes=int(cfg.max_text_kib * (1 << 10)))
+                        max_text_bytes=int(cfg.max_text_kib * (1 << 10)),
+                        read_timeout_s=cfg.read_timeout_s)
 
 
 def worker_shards(urls: list[str], global_worker: int, global_workers: int) -> list[str]:
