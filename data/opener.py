@@ -11,7 +11,8 @@
 Every process stream is read with a timeout (``read_timeout_s`` without a byte raises
 ``TimeoutError``), and closing one never waits unboundedly: a process still running when we stop
 reading (we have what we need, or the consumer abandoned the shard) is killed, and its exit status
-is then not a failure; neither is SIGPIPE (141, or -13), which only says we stopped reading.
+is then not a failure; neither is SIGPIPE (141, or -13), nor the statuses webdataset's Pipe
+ignores for its commands (curl's 23), which only say we stopped reading.
 """
 from __future__ import annotations
 
@@ -82,6 +83,9 @@ class ShardStream:
                  stderr: IO[bytes] | None = None):
         self.stream, self.url, self.process, self.stderr = stream, url, process, stderr
         self.owner: object = None  # whatever must outlive the stream (webdataset's Pipe)
+        # Exit statuses that only say we stopped reading: SIGPIPE, and for webdataset's commands
+        # the ones its Pipe ignores (curl's 23, "failed writing body").
+        self.stopped_statuses: tuple[int, ...] = SIGPIPE_STATUSES
         self.read = stream.read
 
     def seekable(self) -> bool:
@@ -106,7 +110,7 @@ class ShardStream:
         if status is None:
             self._kill()
         failure = None
-        if status not in (0, None) + SIGPIPE_STATUSES:
+        if status not in (0, None) + self.stopped_statuses:
             failure = f"exited with {status}{self._stderr_tail()}"
         if self.stderr is not None:
             self.stderr.close()
@@ -147,6 +151,7 @@ def open_shard(url: str, read_timeout_s: float = 300.0) -> ShardStream:
         # and waits without bound; we want the timeout and one verdict at close.
         shard = _process_stream(opened.proc, url, read_timeout_s)
         shard.owner = opened  # its __del__ closes the stdout we read: keep it alive as long
+        shard.stopped_statuses += tuple(opened.ignore_status)
         return shard
     return ShardStream(opened, url)
 
