@@ -114,35 +114,55 @@ def dcnv3_core_reference(value: Tensor, offset: Tensor, mask: Tensor, kernel_siz
     loc_x = base_x.view(1, 1, w_out, 1, 1) + (grid_x + offset[..., 0]) * offset_scale
     loc_y = base_y.view(1, h_out, 1, 1, 1) + (grid_y + offset[..., 1]) * offset_scale
 
-    # A point at loc <= -1 or >= size contributes nothing, its gradients included (SPEC §4).
+    # A point at loc <= -1 or >= size contributes nothing (SPEC §4). Its weight is mask · inside
+    # (not a select), so a non-finite mask there still turns the output into NaN, as does a
+    # non-finite location (NaN bilinear weights times the zero corner values): a diverged offset or
+    # mask must not hide behind a finite loss. The fused kernels reproduce this arithmetic.
     inside = (loc_x > -1) & (loc_x < w_in) & (loc_y > -1) & (loc_y < h_in)
-    weights = mask.reshape(n, h_out, w_out, groups, num_points) * inside
+    point_weight = mask.reshape(n, h_out, w_out, groups, num_points) * inside
 
     def per_group(t: Tensor) -> Tensor:  # (N, H_out, W_out, G, P) → (N·G, H_out·W_out·P)
         return t.permute(0, 3, 1, 2, 4).reshape(n * groups, -1)
 
     planes = value.reshape(n, h_in, w_in, groups, depth).permute(0, 3, 1, 2, 4)
-    sampled = bilinear_gather(planes.reshape(n * groups, h_in, w_in, depth), per_group(loc_x), per_group(loc_y))
-    sampled = sampled.view(n, groups, h_out, w_out, num_points, depth)
-    out = (sampled * per_group(weights).view(n, groups, h_out, w_out, num_points, 1)).sum(-2)
+    corner_weights, corner_values = bilinear_corners(planes.reshape(n * groups, h_in, w_in, depth),
+                                                     per_group(loc_x), per_group(loc_y), per_group(inside))
+    # The mask scales each corner weight before the corner values (m·w)·v, the kernels' order, so
+    # infinite masks and values meet the same products in both.
+    corner_weights = corner_weights * per_group(point_weight).unsqueeze(-1)
+    out = torch.einsum("blc,blcd->bld", corner_weights, corner_values)
+    out = out.view(n, groups, h_out, w_out, num_points, depth).sum(-2)
     return out.permute(0, 2, 3, 1, 4).reshape(n, h_out, w_out, channels).to(out_dtype)
 
 
-def bilinear_gather(planes: Tensor, loc_x: Tensor, loc_y: Tensor) -> Tensor:
-    """Bilinear samples of channels-last ``planes`` (B, H, W, D) at pixel coordinates (B, L) → (B, L, D).
+def bilinear_corners(planes: Tensor, loc_x: Tensor, loc_y: Tensor, contributes: Tensor) -> tuple[Tensor, Tensor]:
+    """The four bilinear corners of channels-last ``planes`` (B, H, W, D) at pixel coordinates
+    (B, L): their weights (B, L, 4) and values (B, L, 4, D), corners in the order (y0, x0),
+    (y0, x0+1), (y0+1, x0), (y0+1, x0+1).
 
-    Pixel k has its centre at k; corners outside the plane read 0. The corner weights carry the
-    gradient with respect to the locations (the right derivative at integer locations, like floor).
+    Pixel k has its centre at k. A corner outside the plane, or of a location that does not
+    contribute (``contributes`` False, (B, L)), reads exactly 0: selected, not multiplied by 0, so a
+    non-finite pixel never leaks into samples that do not touch it, and no gradient reaches the
+    clamped index such a corner was gathered from (for a non-finite location that index comes
+    from an undefined float-to-integer conversion). The weights carry the gradient with respect to
+    the locations (the right derivative at integer locations, like floor); a non-finite location
+    has NaN weights.
     """
     batch, height, width, depth = planes.shape
     x0, y0 = torch.floor(loc_x), torch.floor(loc_y)
     frac_x, frac_y = loc_x - x0, loc_y - y0
-    corners_x = x0.long().unsqueeze(-1) + torch.tensor([0, 1, 0, 1], device=planes.device)
-    corners_y = y0.long().unsqueeze(-1) + torch.tensor([0, 0, 1, 1], device=planes.device)
     weights = torch.stack(((1 - frac_x) * (1 - frac_y), frac_x * (1 - frac_y),
                            (1 - frac_x) * frac_y, frac_x * frac_y), dim=-1)  # (B, L, 4)
-    inside = (corners_x >= 0) & (corners_x < width) & (corners_y >= 0) & (corners_y < height)
+    # Indices only where they are meaningful: elsewhere any in-range index will do, it is masked.
+    x0 = torch.where(contributes, x0, 0).long()
+    y0 = torch.where(contributes, y0, 0).long()
+    corners_x = x0.unsqueeze(-1) + torch.tensor([0, 1, 0, 1], device=planes.device)
+    corners_y = y0.unsqueeze(-1) + torch.tensor([0, 0, 1, 1], device=planes.device)
+    readable = (contributes.unsqueeze(-1) & (corners_x >= 0) & (corners_x < width) & (corners_y >= 0)
+                & (corners_y < height))
     index = corners_y.clamp(0, height - 1) * width + corners_x.clamp(0, width - 1)
     rows = torch.arange(batch, device=planes.device).view(batch, 1, 1)
     corners = planes.reshape(batch, height * width, depth)[rows, index]  # (B, L, 4, D)
-    return torch.einsum("blc,blcd->bld", weights * inside, corners)
+    return weights, torch.where(readable.unsqueeze(-1), corners, torch.zeros((), dtype=corners.dtype,
+                                                                             device=corners.device))
+

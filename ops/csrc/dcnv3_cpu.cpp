@@ -87,8 +87,12 @@ void forward_kernel(const Shape& s, const scalar_t* value, const scalar_t* offse
         for (int p = 0; p < points; ++p) {
           const auto f = grid.at(s, base_x, base_y, p, static_cast<acc_t>(off[2 * p]),
                                  static_cast<acc_t>(off[2 * p + 1]));
-          if (!f.contributes) continue;
           const acc_t m = static_cast<acc_t>(weight[p]);
+          if (!f.contributes) {
+            const acc_t nothing_or_nan = outside_sample(f, m);
+            if (nothing_or_nan != nothing_or_nan) std::fill(acc.begin(), acc.end(), nothing_or_nan);
+            continue;
+          }
           const auto at = [&](int64_t y, int64_t x) { return image + (y * s.width_in + x) * channels; };
           if (f.in_y0 && f.in_x0) axpy(acc.data(), at(f.y0, f.x0), m * f.w00(), depth);
           if (f.in_y0 && f.in_x1) axpy(acc.data(), at(f.y0, f.x0 + 1), m * f.w01(), depth);
@@ -132,11 +136,14 @@ void backward_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* v
         for (int p = 0; p < points; ++p) {
           const auto f = grid.at(s, base_x, base_y, p, static_cast<acc_t>(off[2 * p]),
                                  static_cast<acc_t>(off[2 * p + 1]));
-          if (!f.contributes) {
-            g_off[2 * p] = g_off[2 * p + 1] = g_mask[p] = scalar_t(0);
+          const acc_t m = static_cast<acc_t>(weight[p]);
+          if (!f.contributes) {  // zeros, or NaN for a non-finite location or mask
+            const auto g = point_gradients_from_dots<acc_t>(f, m, grid.scale, 0, 0, 0, 0);
+            g_mask[p] = static_cast<scalar_t>(g.mask);
+            g_off[2 * p] = static_cast<scalar_t>(g.dx);
+            g_off[2 * p + 1] = static_cast<scalar_t>(g.dy);
             continue;
           }
-          const acc_t m = static_cast<acc_t>(weight[p]);
           // Each corner: its upstream·value product (for the mask and offset gradients) and its
           // scatter of m·w·upstream into grad_value.
           const auto corner = [&](bool inside, int64_t y, int64_t x, acc_t w) -> acc_t {
@@ -149,11 +156,10 @@ void backward_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* v
           const acc_t v01 = corner(f.in_y0 && f.in_x1, f.y0, f.x0 + 1, f.w01());
           const acc_t v10 = corner(f.in_y1 && f.in_x0, f.y0 + 1, f.x0, f.w10());
           const acc_t v11 = corner(f.in_y1 && f.in_x1, f.y0 + 1, f.x0 + 1, f.w11());
-          const acc_t hy = 1 - f.ly, hx = 1 - f.lx;
-          const acc_t scale = grid.scale;
-          g_mask[p] = static_cast<scalar_t>(f.w00() * v00 + f.w01() * v01 + f.w10() * v10 + f.w11() * v11);
-          g_off[2 * p] = static_cast<scalar_t>(m * scale * (hy * (v01 - v00) + f.ly * (v11 - v10)));
-          g_off[2 * p + 1] = static_cast<scalar_t>(m * scale * (hx * (v10 - v00) + f.lx * (v11 - v01)));
+          const auto g = point_gradients_from_dots(f, m, grid.scale, v00, v01, v10, v11);
+          g_mask[p] = static_cast<scalar_t>(g.mask);
+          g_off[2 * p] = static_cast<scalar_t>(g.dx);
+          g_off[2 * p + 1] = static_cast<scalar_t>(g.dy);
         }
       }
       scalar_t* dst = grad_value + n * plane_in * channels + g * depth;

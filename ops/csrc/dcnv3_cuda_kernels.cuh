@@ -7,9 +7,13 @@
 // corner row are contiguous. Offsets and mask of an item are read once per point by its threads
 // together (same address, one transaction). Accumulation is fp32 (fp64 for double).
 //
-// Backward: the offset/mask gradients of a (pixel, group, point) are sums over the group's D
-// channels; each thread sums its chunks and the TPI threads combine with warp shuffles, then one
-// thread writes, so those gradients need no atomics and no zero-fill. The value gradient is a
+// Backward: the offset/mask gradients of a (pixel, group, point) come from four sums over the group's
+// D channels (upstream · each corner); each thread sums its chunks and the TPI threads combine with
+// warp shuffles, then one thread writes, so those gradients need no atomics and no zero-fill.
+//
+// Non-finite inputs give what the reference gives (dcnv3_geometry.h: outside_sample,
+// point_gradients_from_dots): a point with a NaN/inf location or mask that does not land on the image
+// still turns its outputs and gradients NaN, instead of being skipped. The value gradient is a
 // scatter (arbitrary offsets), done with vector atomics (16 bytes per instruction on sm_90) into
 // fp32 (fp64 for double); for fp16/bf16 into an fp32 workspace converted once at the end, because
 // accumulating ~36 contributions per element in 8-bit mantissas loses too much.
@@ -194,15 +198,28 @@ __device__ __forceinline__ void load_corners(const Footprint<acc_t>& f, const T*
   if (f.in_y1 && f.in_x1) load_acc<T, VEC>(corner + row_stride + pixel_stride, v11);
 }
 
-// Calls visit(footprint, mask weight) for each sampling point of an item that lands on the image.
-template <typename T, typename acc_t = typename Accumulate<T>::type, typename Visit>
+// Calls visit(footprint, mask weight) for each sampling point of an item that lands on the image,
+// and outside(x) for each other point, x = outside_sample: 0, or NaN when its location or mask is
+// not finite (its sample is NaN in the reference's arithmetic), for the caller to add to every
+// channel.
+template <typename T, typename acc_t = typename Accumulate<T>::type, typename Visit, typename Outside>
 __device__ __forceinline__ void for_each_sample(const Shape& s, int h_out, int w_out, const T* item_offset,
-                                                const T* item_mask, Visit&& visit) {
+                                                const T* item_mask, Visit&& visit, Outside&& outside) {
   for (int p = 0; p < static_cast<int>(s.points); ++p) {
     const Vec<T, 2> dxy = load_vec<T, 2>(item_offset + 2 * p);
     const auto f = footprint<acc_t>(s, h_out, w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
-    if (f.contributes) visit(f, to_acc(item_mask[p]));
+    if (f.contributes) {
+      visit(f, to_acc(item_mask[p]));
+    } else {
+      outside(outside_sample(f, to_acc(item_mask[p])));
+    }
   }
+}
+
+template <int VEC, typename acc_t>
+__device__ __forceinline__ void add_to_all(acc_t (&acc)[VEC], acc_t x) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] += x;
 }
 
 // acc += m · the bilinear sample at footprint f of VEC channels, corners read from `corner` on.
@@ -237,7 +254,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     for_each_sample<T>(s, at.h_out, at.w_out, item_offset, item_mask, [&](const Footprint<acc_t>& f, acc_t m) {
       add_sample<T, VEC>(acc, f, m, image + (f.y0 * width_in + f.x0) * channels + channel, width_in * channels,
                          channels);
-    });
+    }, [&](acc_t nothing_or_nan) { add_to_all<VEC>(acc, nothing_or_nan); });
     // item = pixel·G + group, so the item's output channels start at item·D.
     store_from_acc<T, VEC>(out + at.item * depth + channel, acc);
   }
@@ -344,7 +361,7 @@ __global__ void __launch_bounds__(kBlockThreads, kTiledBlocksPerSM)
         add_scaled<T, VEC>(acc, m * weight, corner + (dy * width_in + dx) * channels);
       });
     }
-  });
+  }, [&](acc_t nothing_or_nan) { add_to_all<VEC>(acc, nothing_or_nan); });
   store_from_acc<T, VEC>(out + at.item * depth + channel, acc);
 }
 
@@ -355,43 +372,48 @@ __device__ __forceinline__ acc_t segment_sum(acc_t x, int tpi_log2) {
   return x;
 }
 
-// One sampling point's share of the offset/mask gradients for one chunk of VEC channels: loads the
-// corners inside the image (outside ones read 0) and adds upstream·corner terms to the sums.
+// Upstream · corner value products of one sampling point, d_c for its four corners, summed over the
+// item's channels: each lane adds its chunks of VEC channels here, write_point_gradients sums the
+// lanes. Corners outside the image read 0 (and a point that does not contribute keeps all zeros).
+template <typename acc_t>
+struct CornerDots {
+  acc_t d00 = 0, d01 = 0, d10 = 0, d11 = 0;
+};
+
+// Loads the corners inside the image of one chunk of VEC channels and adds upstream·corner to dots.
 template <typename T, int VEC, typename acc_t>
-__device__ __forceinline__ void point_gradients(const Footprint<acc_t>& f, const T* corner, int row_stride,
-                                                int pixel_stride, const acc_t (&up)[VEC], acc_t& grad_m,
-                                                acc_t& grad_x, acc_t& grad_y) {
+__device__ __forceinline__ void add_corner_dots(const Footprint<acc_t>& f, const T* corner, int row_stride,
+                                                int pixel_stride, const acc_t (&up)[VEC], CornerDots<acc_t>& dots) {
   acc_t v00[VEC], v01[VEC], v10[VEC], v11[VEC];
   load_corners<T, VEC>(f, corner, row_stride, pixel_stride, v00, v01, v10, v11);
-  acc_t d00 = 0, d01 = 0, d10 = 0, d11 = 0;  // upstream · corner value
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    d00 += up[k] * v00[k];
-    d01 += up[k] * v01[k];
-    d10 += up[k] * v10[k];
-    d11 += up[k] * v11[k];
+    dots.d00 += up[k] * v00[k];
+    dots.d01 += up[k] * v01[k];
+    dots.d10 += up[k] * v10[k];
+    dots.d11 += up[k] * v11[k];
   }
-  grad_m += f.w00() * d00 + f.w01() * d01 + f.w10() * d10 + f.w11() * d11;
-  grad_x += (1 - f.ly) * (d01 - d00) + f.ly * (d11 - d10);
-  grad_y += (1 - f.lx) * (d10 - d00) + f.lx * (d11 - d01);
 }
 
-// Sums one point's offset/mask gradient terms over the item's lanes; lane 0 writes them.
+// Sums one point's corner dots over the item's lanes; lane 0 writes its mask and offset gradients
+// (point_gradients_from_dots: the reference's arithmetic, also for points that do not contribute).
 template <typename T, typename acc_t>
 __device__ __forceinline__ void write_point_gradients(const Shape& s, int64_t item, int p, bool writer,
-                                                      acc_t m, acc_t grad_m, acc_t grad_x, acc_t grad_y,
+                                                      const Footprint<acc_t>& f, acc_t m, CornerDots<acc_t> dots,
                                                       int tpi_log2, T* grad_offset, T* grad_mask) {
-  grad_m = segment_sum(grad_m, tpi_log2);
-  grad_x = segment_sum(grad_x, tpi_log2);
-  grad_y = segment_sum(grad_y, tpi_log2);
+  dots.d00 = segment_sum(dots.d00, tpi_log2);
+  dots.d01 = segment_sum(dots.d01, tpi_log2);
+  dots.d10 = segment_sum(dots.d10, tpi_log2);
+  dots.d11 = segment_sum(dots.d11, tpi_log2);
   if (!writer) return;
-  const acc_t scale = static_cast<acc_t>(s.offset_scale);
+  const auto g = point_gradients_from_dots(f, m, static_cast<acc_t>(s.offset_scale), dots.d00, dots.d01,
+                                           dots.d10, dots.d11);
   const int64_t at = item * s.points + p;
-  grad_mask[at] = from_acc<T>(grad_m);
-  Vec<T, 2> g;
-  g.v[0] = from_acc<T>(m * scale * grad_x);
-  g.v[1] = from_acc<T>(m * scale * grad_y);
-  store_vec<T, 2>(grad_offset + at * 2, g);
+  grad_mask[at] = from_acc<T>(g.mask);
+  Vec<T, 2> pair;
+  pair.v[0] = from_acc<T>(g.dx);
+  pair.v[1] = from_acc<T>(g.dy);
+  store_vec<T, 2>(grad_offset + at * 2, pair);
 }
 
 // grad_value_acc: fp32 (fp64 for double) gradient of value, zeroed by the caller; it may alias
@@ -419,7 +441,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     const Vec<T, 2> dxy = load_vec<T, 2>(offset + (item * points + p) * 2);
     const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
     const acc_t m = to_acc(mask[item * points + p]);
-    acc_t grad_m = 0, grad_x = 0, grad_y = 0;
+    CornerDots<acc_t> dots;
     for (int first = 0; first < chunks; first += tpi) {
       const int chunk = first + at.lane;
       if (!at.item_valid || chunk >= chunks || !f.contributes) continue;
@@ -427,13 +449,13 @@ __global__ void __launch_bounds__(kBlockThreads)
       acc_t up[VEC];
       load_acc<T, VEC>(upstream_row + channel, up);
       const int corner = (f.y0 * width_in + f.x0) * channels + channel;
-      point_gradients<T, VEC>(f, image + corner, width_in * channels, channels, up, grad_m, grad_x, grad_y);
+      add_corner_dots<T, VEC>(f, image + corner, width_in * channels, channels, up, dots);
       for_each_corner(f, [&](int dy, int dx, acc_t weight) {
         atomic_axpy<VEC>(grad_image + corner + (dy * width_in + dx) * channels, m * weight, up);
       });
     }
-    write_point_gradients<T>(s, item, p, at.item_valid && at.lane == 0, m, grad_m, grad_x, grad_y, tpi_log2,
-                             grad_offset, grad_mask);
+    write_point_gradients<T>(s, item, p, at.item_valid && at.lane == 0, f, m, dots, tpi_log2, grad_offset,
+                             grad_mask);
   }
 }
 
@@ -498,19 +520,17 @@ __global__ void __launch_bounds__(kBlockThreads)
   const T* image = value + image_base;
   acc_t* grad_image = grad_value_acc + image_base;
   const int channel = at.lane * VEC;
-  acc_t up[VEC];
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) up[k] = acc_t(0);
-  if (valid) load_acc<T, VEC>(grad_out + at.item * depth + channel, up);
-
   for (int p = 0; p < points; ++p) {
     const Vec<T, 2> dxy = load_vec<T, 2>(offset + (at.item * points + p) * 2);
     const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
     const acc_t m = to_acc(mask[at.item * points + p]);
-    acc_t grad_m = 0, grad_x = 0, grad_y = 0;
+    CornerDots<acc_t> dots;
     if (valid && f.contributes) {
-      point_gradients<T, VEC>(f, image + (f.y0 * width_in + f.x0) * channels + channel, width_in * channels,
-                              channels, up, grad_m, grad_x, grad_y);
+      // Re-read per point (an L1 hit) rather than held across the loop: registers for the dots.
+      acc_t up[VEC];
+      load_acc<T, VEC>(grad_out + at.item * depth + channel, up);
+      add_corner_dots<T, VEC>(f, image + (f.y0 * width_in + f.x0) * channels + channel, width_in * channels,
+                              channels, up, dots);
       for_each_corner(f, [&](int dy, int dx, acc_t weight) {
         const int y = f.y0 + dy, x = f.x0 + dx, wy = y - at.y_origin, wx = x - at.x_origin;
         if (wy >= 0 && wy < tile.window_h && wx >= 0 && wx < tile.window_w) {
@@ -522,8 +542,8 @@ __global__ void __launch_bounds__(kBlockThreads)
         }
       });
     }
-    write_point_gradients<T>(s, at.item, p, at.pixel_valid && at.lane == 0, m, grad_m, grad_x, grad_y, tpi_log2,
-                             grad_offset, grad_mask);
+    write_point_gradients<T>(s, at.item, p, at.pixel_valid && at.lane == 0, f, m, dots, tpi_log2, grad_offset,
+                             grad_mask);
   }
   __syncthreads();
   flush_window<acc_t, VEC>(s, tile, at, window, grad_image);

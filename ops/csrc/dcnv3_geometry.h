@@ -50,7 +50,7 @@ struct Footprint {
   int y0, x0;  // int: image sides fit easily, and 32-bit index math is cheaper on GPUs
   acc_t ly, lx;  // fractional parts: weight of the lower / right neighbour
   bool in_y0, in_y1, in_x0, in_x1;
-  bool contributes;  // false when loc <= -1 or loc >= size on either axis
+  bool contributes;  // false when loc <= -1 or loc >= size on either axis, or loc is not finite
 
   DCNV3_HOST_DEVICE acc_t w00() const { return (1 - ly) * (1 - lx); }
   DCNV3_HOST_DEVICE acc_t w01() const { return (1 - ly) * lx; }
@@ -73,8 +73,12 @@ DCNV3_HOST_DEVICE Footprint<acc_t> footprint_at(const Shape& s, acc_t loc_x, acc
   f.contributes = loc_x > acc_t(-1) && loc_y > acc_t(-1) &&
                   loc_x < static_cast<acc_t>(s.width_in) && loc_y < static_cast<acc_t>(s.height_in);
   if (!f.contributes) {
+    // No corner is read, but the fractions stay what the reference computes (NaN for a
+    // non-finite location): outside_sample and point_gradients_from_dots need them.
+    using std::floor;
     f.y0 = f.x0 = 0;
-    f.ly = f.lx = acc_t(0);
+    f.ly = loc_y - floor(loc_y);
+    f.lx = loc_x - floor(loc_x);
     f.in_y0 = f.in_y1 = f.in_x0 = f.in_x1 = false;
     return f;
   }
@@ -87,6 +91,34 @@ DCNV3_HOST_DEVICE Footprint<acc_t> footprint_at(const Shape& s, acc_t loc_x, acc
   f.in_x0 = f.x0 >= 0;
   f.in_x1 = f.x0 + 1 < s.width_in;
   return f;
+}
+
+// A point that does not contribute still goes through the reference's arithmetic: its corner
+// weights (from ly, lx) times its mask times corner values of exactly 0. That is +0 while location
+// and mask are finite, and NaN when either is not, so a diverged offset or mask turns the output
+// NaN instead of vanishing. The kernels add this to every channel of such a point (a rare path).
+template <typename acc_t>
+DCNV3_HOST_DEVICE acc_t outside_sample(const Footprint<acc_t>& f, acc_t m) {
+  return acc_t(0) * m * f.ly * f.lx;
+}
+
+// Mask and offset gradients of one sampling point from d_c = upstream · value at corner c (summed
+// over the group's channels; 0 for a corner outside the image, and for all four corners of a point
+// that does not contribute). The offset terms multiply the mask into each corner's product before
+// combining them, the reference's order, so an infinite mask or value meets the same products here
+// as there (for instance NaN from inf − inf) and both show NaN or ±inf at the same places. A point
+// that does not contribute gets 0, or NaN where its location (through ly, lx) or mask is not finite.
+template <typename acc_t>
+struct PointGradients {
+  acc_t mask, dx, dy;
+};
+template <typename acc_t>
+DCNV3_HOST_DEVICE PointGradients<acc_t> point_gradients_from_dots(const Footprint<acc_t>& f, acc_t m, acc_t scale,
+                                                                  acc_t d00, acc_t d01, acc_t d10, acc_t d11) {
+  const acc_t m00 = m * d00, m01 = m * d01, m10 = m * d10, m11 = m * d11;
+  return {f.w00() * d00 + f.w01() * d01 + f.w10() * d10 + f.w11() * d11,
+          scale * ((1 - f.ly) * (m01 - m00) + f.ly * (m11 - m10)),
+          scale * ((1 - f.lx) * (m10 - m00) + f.lx * (m11 - m01))};
 }
 
 // Location (in pixels of the unpadded input) of point p of output pixel (h_out, w_out) moved by

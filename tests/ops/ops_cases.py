@@ -116,3 +116,51 @@ PROBLEMS = {
     # windows (kernel reach + 3 px), where they switch between shared and global memory.
     "window_edges": Problem(batch=2, height=20, width=21, groups=2, depth=16, offset_spread=4.0),
 }
+
+
+# ---- non-finite inputs ---------------------------------------------------------------------------
+# A diverged layer hands the op NaN or ±inf. The fused kernels must then give what the reference
+# gives (NaN where it has NaN, ±inf where it has ±inf), so a diverged offset or mask shows up in the
+# loss instead of vanishing. Each spot below poisons one element of one input; together they reach
+# interior samples, border pixels, a sampling point far outside the image and one exactly on the
+# loc = -1 border (which contributes nothing, yet its corner x = 0 lies inside the image).
+NON_FINITE_PROBLEM = Problem(height=6, width=7, groups=2, depth=8, offset_spread=1.0)
+NON_FINITE = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
+NON_FINITE_SPOTS = {
+    # (N, H, W, G·D): an interior pixel, the top-left pixel (group 1), the bottom-right pixel.
+    "value": [(0, 3, 4, 1), (1, 0, 0, 10), (0, 5, 6, 15)],
+    # (N, H_out, W_out, G·P·2): dx of an interior point, dy of a border pixel's point, both of one point.
+    "offset": [(0, 2, 3, 8), (1, 0, 6, 23), (0, 4, 1, 32), (0, 4, 1, 33)],
+    # (N, H_out, W_out, G·P): an interior point, a point moved far outside, a point at loc_x = -1.
+    "mask": [(0, 2, 3, 13), (1, 0, 0, 0), (0, 3, 0, 1)],
+}
+
+
+def non_finite_inputs(poisoned: str, kind: str, dtype=torch.float64, device="cpu"):
+    """(value, offset, mask) of NON_FINITE_PROBLEM with NON_FINITE[kind] at the spots of ``poisoned``
+    ("value", "offset" or "mask"), and the upstream gradient, all of ``dtype``."""
+    problem = NON_FINITE_PROBLEM
+    value, offset, mask = problem.make(torch.float64, generator_seed=21, off_integer=True)
+    offset[1, 0, 0, 0:2] = -3.0         # group 0, point 0 of pixel (0, 0): location (-4, -4), outside
+    offset[0, 3, 0, 2:4] = torch.tensor([0.0, 0.25], dtype=offset.dtype)  # location x exactly -1
+    inputs = {"value": value, "offset": offset, "mask": mask}
+    for spot in NON_FINITE_SPOTS[poisoned]:
+        inputs[poisoned][spot] = NON_FINITE[kind]
+    gen = torch.Generator().manual_seed(22)
+    grad_out = torch.randn(problem.batch, *problem.out_hw, problem.groups * problem.depth, generator=gen,
+                           dtype=torch.float64)
+    return (tuple(inputs[name].to(device=device, dtype=dtype) for name in ("value", "offset", "mask")),
+            grad_out.to(device=device, dtype=dtype))
+
+
+NON_FINITE_CASES = [(poisoned, kind) for poisoned in NON_FINITE_SPOTS for kind in NON_FINITE]
+
+
+def assert_same_non_finite(got, want, label: str, rtol: float, atol: float) -> None:
+    """NaN where ``want`` has NaN, the same ±inf where it has ±inf, finite entries within tolerance."""
+    nan_got, nan_want = got.isnan(), want.isnan()
+    assert torch.equal(nan_got, nan_want), (
+        f"{label}: NaN at {nan_got.sum().item()} entries, reference at {nan_want.sum().item()}; first "
+        f"differences at {(nan_got != nan_want).nonzero()[:4].tolist()}")
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, equal_nan=True,
+                               msg=lambda m: f"{label}: {m}")

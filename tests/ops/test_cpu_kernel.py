@@ -8,7 +8,8 @@ import torch
 
 from internimage import ops
 
-from ops_cases import PROBLEMS, Problem, require_cpu_kernel
+from ops_cases import (NON_FINITE_CASES, NON_FINITE_PROBLEM, PROBLEMS, Problem, assert_same_non_finite,
+                        non_finite_inputs, require_cpu_kernel)
 
 
 
@@ -130,3 +131,16 @@ def test_reference_in_bfloat16_computes_locations_in_float32():
     want = ops.dcnv3_core_reference(value.double(), offset.double(), mask.double(), groups=1)
     assert got.dtype == torch.bfloat16
     assert (got.double() - want).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("poisoned, kind", NON_FINITE_CASES)
+def test_non_finite_inputs_give_what_the_reference_gives(poisoned, kind):
+    """NaN/±inf in value, offset or mask: forward and all three gradients carry NaN and ±inf where
+    the reference does (a NaN offset makes its sample NaN instead of contributing 0), and the
+    finite entries still agree."""
+    require_cpu_kernel()
+    inputs, grad_out = non_finite_inputs(poisoned, kind)
+    fused = _forward_and_grads(ops.dcnv3_core, NON_FINITE_PROBLEM, inputs, grad_out)
+    reference = _forward_and_grads(ops.dcnv3_core_reference, NON_FINITE_PROBLEM, inputs, grad_out)
+    for label, a, b in zip(("output", "grad value", "grad offset", "grad mask"), fused, reference):
+        assert_same_non_finite(a, b, f"{poisoned}={kind} {label}", rtol=0, atol=1e-10)

@@ -16,7 +16,8 @@ import torch
 from internimage import ops
 from internimage.ops import extension
 
-from ops_cases import PROBLEMS, Problem
+from ops_cases import (NON_FINITE_CASES, NON_FINITE_PROBLEM, PROBLEMS, Problem, assert_same_non_finite,
+                        non_finite_inputs)
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "ops" / "csrc"
@@ -98,6 +99,18 @@ def test_half_precision_within_tolerance(emulated, scheme, name, dtype):
         assert got.dtype == dtype
         rel = (got.double() - want).norm() / want.norm()
         assert rel < 1e-2, f"{name} {label}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("poisoned, kind", NON_FINITE_CASES)
+def test_non_finite_inputs_give_what_the_reference_gives(emulated, scheme, poisoned, kind, dtype):
+    """NaN/±inf in value, offset or mask: NaN and ±inf wherever the reference has them (a NaN
+    offset makes its sample NaN instead of contributing 0), finite entries within tolerance."""
+    inputs, grad_out = non_finite_inputs(poisoned, kind, dtype)
+    exact = _exact(NON_FINITE_PROBLEM, inputs, grad_out)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    for label, got, want in zip(LABELS, _run(emulated, NON_FINITE_PROBLEM, inputs, grad_out), exact):
+        assert_same_non_finite(got, want, f"{poisoned}={kind} {label}", rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

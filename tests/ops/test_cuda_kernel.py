@@ -10,7 +10,8 @@ import torch
 from internimage import ops
 from internimage.ops import extension
 
-from ops_cases import PROBLEMS, Problem
+from ops_cases import (NON_FINITE_CASES, NON_FINITE_PROBLEM, PROBLEMS, Problem, assert_same_non_finite,
+                        non_finite_inputs)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -91,6 +92,18 @@ def test_half_precision_within_tolerance(scheme, name, dtype):
         assert not a.isnan().any(), f"{name} {label}: unwritten (NaN) elements"
         rel = (a.cpu().double() - b).norm() / b.norm()
         assert rel < 1e-2, f"{name} {label}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("poisoned, kind", NON_FINITE_CASES)
+def test_non_finite_inputs_give_what_the_reference_gives(scheme, poisoned, kind, dtype):
+    """NaN/±inf in value, offset or mask: NaN and ±inf wherever the reference has them (a NaN
+    offset makes its sample NaN instead of contributing 0), finite entries within tolerance."""
+    inputs, grad_out = non_finite_inputs(poisoned, kind, dtype, device="cuda")
+    got, want = _run(NON_FINITE_PROBLEM, inputs, grad_out), _exact(NON_FINITE_PROBLEM, inputs, grad_out)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    for label, a, b in zip(("output", "grad value", "grad offset", "grad mask"), got, want):
+        assert_same_non_finite(a.cpu(), b, f"{poisoned}={kind} {label}", rtol=tolerance, atol=tolerance)
 
 
 def test_autocast_bf16_on_cuda():
