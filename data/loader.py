@@ -54,9 +54,10 @@ def epoch_samples(cfg: DataConfig, sources: list[SourceShards]) -> int:
     for source in sources:
         counts = read_sample_counts(source.urls)
         if counts is None:
-            raise ValueError(f"epoch_samples=0 asks for the shard index, but source "
-                             f"{source.name!r} ({source.pattern!r}) has no complete index "
-                             "(-index.json beside the shards, written by write_shards); set "
+            raise ValueError(f"epoch_samples=0 asks for the shards' sample counts, but source "
+                             f"{source.name!r} ({source.pattern!r}) has no size file for every "
+                             "shard (PREFIX-index.json from write_shards, open_clip's sizes.json "
+                             "or img2dataset's SHARD_stats.json beside local shards); set "
                              "DataConfig.epoch_samples")
         total += sum(counts.values())
     return total

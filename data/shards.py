@@ -191,28 +191,60 @@ def index_path(url: str) -> str:
     return os.path.join(directory, prefix + INDEX_SUFFIX)
 
 
+OPEN_CLIP_SIZES = "sizes.json"  # open_clip: {"00000.tar": 9951, ...} beside the shards
+IMG2DATASET_STATS_SUFFIX = "_stats.json"  # img2dataset: 00000.tar -> 00000_stats.json
+
+
 def read_sample_counts(urls: list[str]) -> dict[str, int] | None:
-    """Sample count of every shard from the writer's index files, or None if any is unknown."""
-    indexes: dict[str, dict[str, int]] = {}
+    """Sample count of every shard from the size files beside them, or None if any is unknown.
+
+    Looked up in order: our writer's ``PREFIX-index.json``, open_clip's ``sizes.json``, and
+    img2dataset's ``{shard}_stats.json`` (its ``successes``: the samples the tar holds). Each
+    file is read once. Only local shards have them; a URL or pipe: makes the answer None.
+    """
+    files: dict[str, dict[str, int]] = {}
+
+    def table(path: str, read) -> dict[str, int]:
+        if path not in files:
+            files[path] = read(path) if os.path.isfile(path) else {}
+        return files[path]
+
     counts: dict[str, int] = {}
     for url in urls:
         if not is_local(url):
             return None
-        path = index_path(url)
-        if path not in indexes:
-            indexes[path] = _load_index(path)
-        count = indexes[path].get(os.path.basename(url))
+        directory, base = os.path.split(url)
+        count = table(index_path(url), _load_index).get(base)
+        if count is None:
+            count = table(os.path.join(directory, OPEN_CLIP_SIZES), _load_sizes).get(base)
+        if count is None:
+            stats = os.path.join(directory, _shard_stem(base) + IMG2DATASET_STATS_SUFFIX)
+            count = table(stats, _load_img2dataset_stats).get("successes")
         if count is None:
             return None
         counts[url] = count
     return counts
 
 
+def _shard_stem(base: str) -> str:
+    """``00000.tar`` / ``00000.tar.gz`` -> ``00000``."""
+    return base[: base.index(".tar")] if ".tar" in base else os.path.splitext(base)[0]
+
+
 def _load_index(path: str) -> dict[str, int]:
-    if not os.path.isfile(path):
-        return {}
     with open(path) as handle:
         return {name: int(count) for name, count in json.load(handle)["shards"].items()}
+
+
+def _load_sizes(path: str) -> dict[str, int]:
+    with open(path) as handle:
+        return {name: int(count) for name, count in json.load(handle).items()}
+
+
+def _load_img2dataset_stats(path: str) -> dict[str, int]:
+    with open(path) as handle:
+        stats = json.load(handle)
+    return {"successes": int(stats["successes"])} if "successes" in stats else {}
 
 
 def count_samples(url: str) -> int:

@@ -154,3 +154,37 @@ def test_member_keys_are_validated_before_any_work():
     cfg = DataConfig(train_sources=[SourceConfig("a", "x.tar", image_keys=[".jpg"])])
     with pytest.raises(ValueError, match=r"image_keys=\['.jpg'\] must list member extensions"):
         cfg.validate()
+
+
+def img2dataset_layout(folder, sizes: list[int]) -> str:
+    """Shards named as img2dataset writes them (00000.tar, ...) with their 00000_stats.json."""
+    for shard, size in enumerate(sizes):
+        with webdataset.TarWriter(str(folder / f"{shard:05d}.tar")) as sink:
+            for i in range(size):
+                sink.write({"__key__": f"{shard:05d}{i:04d}", "jpg": jpeg_bytes(i), "cls": i,
+                            "txt": f"caption {i}"})
+        (folder / f"{shard:05d}_stats.json").write_text(json.dumps(
+            {"count": size + 3, "successes": size, "failed_to_download": 3}))
+    return str(folder / f"{{00000..{len(sizes) - 1:05d}}}.tar")
+
+
+def test_img2dataset_stats_and_open_clip_sizes_set_the_epoch_length(tmp_path):
+    from internimage.data import SourceConfig, build_train_loader
+    from data_cases import small_config
+
+    (tmp_path / "a").mkdir()
+    pattern = img2dataset_layout(tmp_path / "a", [3, 5])
+    assert read_sample_counts(expand_shards(pattern)) == {
+        str(tmp_path / "a" / "00000.tar"): 3, str(tmp_path / "a" / "00001.tar"): 5}
+    cfg = small_config([SourceConfig("laion", pattern, kind="caption")], epoch_samples=0,
+                       batch_size=2)
+    assert build_train_loader(cfg, 0, 1).steps_per_epoch == 4
+
+    (tmp_path / "b").mkdir()
+    pattern = img2dataset_layout(tmp_path / "b", [2, 2])
+    (tmp_path / "b" / "sizes.json").write_text(json.dumps({"00000.tar": 2, "00001.tar": 2}))
+    for stats in (tmp_path / "b").glob("*_stats.json"):
+        stats.unlink()
+    assert list(read_sample_counts(expand_shards(pattern)).values()) == [2, 2]
+    (tmp_path / "b" / "sizes.json").unlink()
+    assert read_sample_counts(expand_shards(pattern)) is None
