@@ -19,7 +19,7 @@ from typing import Iterator
 
 from .faults import OPEN_FAILED, TRUNCATED_TAR, SkipCounter
 from .opener import is_local, open_shard
-from .tar_stream import TarFormatError, iter_tar_files
+from .tar_stream import TarFormatError, TarPosition, iter_tar_files
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CLASS_EXTENSIONS = ("cls",)
@@ -112,31 +112,46 @@ def split_member_name(name: str) -> tuple[str, str]:
 @dataclass
 class RawSample:
     """The kept members of one sample (extension -> bytes), where it came from, and the
-    extensions of wanted members that were over their size cap (left unread)."""
+    extensions of wanted members that were over their size cap (left unread).
+
+    ``index``: its position in the shard (0-based); ``end_offset``: the byte offset in the shard
+    file where the next sample begins, 0 when unknown (compressed or streamed shards)."""
 
     key: str
     url: str
     members: dict[str, bytes]
     oversized: list[str] = field(default_factory=list)
+    index: int = 0
+    end_offset: int = 0
 
     @property
     def nbytes(self) -> int:
         return sum(len(data) for data in self.members.values())
 
 
-def iter_samples(url: str, counter: SkipCounter, policy: MemberPolicy = DEFAULT_POLICY
-                 ) -> Iterator[RawSample]:
+def iter_samples(url: str, counter: SkipCounter, policy: MemberPolicy = DEFAULT_POLICY,
+                 start: tuple[int, int] = (0, 0)) -> Iterator[RawSample]:
     """Yield every sample of one shard in order, including samples that lack kept members.
 
     A shard that cannot be opened or a tar that breaks off is counted and ends the iteration; every
     sample before the break is still yielded, the one being read when it broke included (with the
     members that were complete, as webdataset does; a missing one is then its ``missing_key``).
+
+    ``start`` = (index, offset): begin at sample ``index``; a local uncompressed shard is entered
+    by seeking to ``offset`` (a previous sample's ``end_offset``), anything else is read from its
+    beginning and the samples before ``index`` are parsed and dropped.
     """
     try:
         stream = open_shard(url, policy.read_timeout_s)
     except Exception as error:  # noqa: BLE001 - OSError, gopen's ValueError, a missing CLI, ...
         counter.skip(OPEN_FAILED, url, error)
         return
+    first_index, first_offset = start
+    position = TarPosition()
+    index = 0
+    if first_offset > 0 and stream.seekable():
+        stream.seek(first_offset)
+        position.end, index = first_offset, first_index
     caps = policy.caps()
     over_cap: list[str | None] = [None]  # the last member refused for its size
 
@@ -152,14 +167,17 @@ def iter_samples(url: str, counter: SkipCounter, policy: MemberPolicy = DEFAULT_
     try:
         current: RawSample | None = None
         try:
-            for name, data in iter_tar_files(stream, keep):
+            for name, data in iter_tar_files(stream, keep, position):
                 key, ext = split_member_name(name)
                 if current is not None and key != current.key:
-                    yield current
+                    current.end_offset = position.entry if position.seekable else 0
+                    if current.index >= first_index:
+                        yield current
                     yielded += 1
                     current = None
                 if current is None:
-                    current = RawSample(key, url, {})
+                    current = RawSample(key, url, {}, index=index)
+                    index += 1
                 if data is not None:
                     current.members[ext] = data
                 elif name == over_cap[0]:
@@ -167,7 +185,8 @@ def iter_samples(url: str, counter: SkipCounter, policy: MemberPolicy = DEFAULT_
             closed, failure = True, stream.close()
             if failure is not None:
                 counter.skip(OPEN_FAILED, url, failure)
-            if current is not None:
+            if current is not None and current.index >= first_index:
+                current.end_offset = position.end if position.seekable else 0
                 yield current
         except (TarFormatError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
             closed = True
@@ -177,7 +196,8 @@ def iter_samples(url: str, counter: SkipCounter, policy: MemberPolicy = DEFAULT_
             started = yielded or current is not None or getattr(error, "headers_read", 0) > 0
             reason = TRUNCATED_TAR if started else OPEN_FAILED
             counter.skip(reason, url, f"{error}; {failure}" if failure else error)
-            if current is not None:  # counted first: the consumer may stop after this sample
+            # Counted first: the consumer may stop after this sample.
+            if current is not None and current.index >= first_index:
                 yield current
     finally:
         if not closed:  # the consumer stopped early: what is left of the stream is not needed

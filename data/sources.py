@@ -7,8 +7,9 @@ rank can never run out of data before the others.
 
 Shuffling is by chunks: ``shuffle_buffer`` consecutive samples are read, permuted by an RNG seeded
 by the chunk number, and handed out. Unlike a running buffer this has a tiny exact position (where
-the chunk began, which chunk, how far into it), so a restore re-reads at most one chunk instead
-of replaying the epoch.
+the chunk began, which chunk, how far into it), so a restore re-reads one chunk (seeking to it in a
+local uncompressed shard; a stream or compressed shard is read from its start up to the chunk)
+instead of replaying the epoch.
 """
 from __future__ import annotations
 
@@ -70,8 +71,10 @@ class SourceReader:
         self.chunk_size = max(1, shuffle_buffer)
         self.chunk_bytes = max(1, chunk_bytes)
         self.counter = counter
-        state = state or {"chunk_start": [0, 0, 0], "chunk": 0, "offset": 0}
-        self._cursor = list(state["chunk_start"])  # pass, position in pass, sample in shard
+        state = state or {"chunk_start": [0, 0, 0, 0], "chunk": 0, "offset": 0}
+        # pass, position in pass, sample in shard, byte offset of that sample (0: unknown; a
+        # 3-element cursor from an older state reads its shard from the beginning)
+        self._cursor = list(state["chunk_start"]) + [0] * (4 - len(state["chunk_start"]))
         self._raw = self._read_from(*self._cursor)
         self._chunk_index = state["chunk"]
         self._chunk: list[RawSample] = []
@@ -120,8 +123,9 @@ class SourceReader:
         rng = np.random.default_rng(self.seed_key + [PASS_STREAM, pass_index])
         return rng.permutation(len(self.shards.urls))
 
-    def _read_from(self, pass_index: int, position: int, skip: int) -> Iterator[RawSample]:
-        """Samples from (pass, position in pass, sample in shard) on, forever."""
+    def _read_from(self, pass_index: int, position: int, skip: int, offset: int
+                   ) -> Iterator[RawSample]:
+        """Samples from (pass, position in pass, sample in shard at byte offset) on, forever."""
         # A pass entered mid-way (after a restore) may legitimately have nothing left to read.
         partial_pass = position > 0 or skip > 0
         while True:
@@ -129,16 +133,14 @@ class SourceReader:
             yielded_in_pass = 0
             while position < len(order):
                 url = self.shards.urls[order[position]]
-                for index, sample in enumerate(iter_samples(url, self.counter,
-                                                            self.shards.policy)):
-                    if index < skip:
-                        continue
-                    self._cursor = [pass_index, position, index + 1]
+                for sample in iter_samples(url, self.counter, self.shards.policy,
+                                           (skip, offset)):
+                    self._cursor = [pass_index, position, sample.index + 1, sample.end_offset]
                     yielded_in_pass += 1
                     yield sample
-                skip = 0
+                skip = offset = 0
                 position += 1
-                self._cursor = [pass_index, position, 0]
+                self._cursor = [pass_index, position, 0, 0]
             if yielded_in_pass == 0 and not partial_pass:
                 found = {k: v for k, v in self.counter.counts.items() if v}
                 raise RuntimeError(
@@ -148,4 +150,4 @@ class SourceReader:
             partial_pass = False
             pass_index += 1
             position = 0
-            self._cursor = [pass_index, 0, 0]
+            self._cursor = [pass_index, 0, 0, 0]

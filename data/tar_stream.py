@@ -16,6 +16,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+from dataclasses import dataclass
 from typing import IO, Callable, Iterator
 
 BLOCK = 512
@@ -71,23 +72,44 @@ def open_decompressed(stream: IO[bytes]) -> IO[bytes]:
     return stream
 
 
-def iter_tar_files(stream: IO[bytes], wanted: Callable[[str, int], bool]
+@dataclass
+class TarPosition:
+    """Where the reader is in the (uncompressed) archive, in bytes: ``entry`` is the offset of
+    the first header of the file last yielded (pax and long-name headers included: a reader
+    seeking there reads the file again), ``end`` the offset just after its data and padding.
+    ``seekable`` is False when the stream was compressed (offsets are then not file offsets)."""
+
+    entry: int = 0
+    end: int = 0
+    seekable: bool = True
+
+
+def iter_tar_files(stream: IO[bytes], wanted: Callable[[str, int], bool],
+                   position: TarPosition | None = None
                    ) -> Iterator[tuple[str, bytes | None]]:
     """Yield (name, data) for each regular file of the tar in ``stream``, in archive order.
 
     ``data`` is the content when ``wanted(name, size in bytes)`` and the file is at most
-    ``MAX_KEPT_SIZE`` bytes, else None (read past unkept, in 1 MiB pieces). Raises ``TarFormatError`` where the archive is damaged,
-    after yielding every file before the damage.
+    ``MAX_KEPT_SIZE`` bytes, else None (read past unkept, in 1 MiB pieces). Raises
+    ``TarFormatError`` where the archive is damaged, after yielding every file before the damage.
+    ``position``: updated before each yield; a stream opened at ``position.end`` > 0 is taken to
+    be a seek into an uncompressed archive (no compression sniffing at a header).
     """
-    stream = open_decompressed(stream)
+    position = position if position is not None else TarPosition()
+    offset = position.end
+    if offset == 0:
+        stream = open_decompressed(stream)
+        position.seekable = isinstance(stream, _Prefixed)  # not a decompressing view
     long_name: str | None = None
     pax: dict[bytes, bytes] = {}
     headers_read = 0
+    entry = offset
     while True:
         try:
             block = _read_exactly(stream, BLOCK, "header")
             if block == ZERO_BLOCK:
                 return
+            offset += BLOCK
             name, size, kind = _parse_header(block)
             headers_read += 1
             if kind in (GNU_LONG_NAME, PAX_MEMBER, PAX_GLOBAL, GNU_LONG_LINK):
@@ -95,6 +117,7 @@ def iter_tar_files(stream: IO[bytes], wanted: Callable[[str, int], bool]
                     raise TarFormatError(f"tar {kind.decode()!r} header of {size} bytes (at most "
                                          f"{MAX_META_SIZE}): not a real archive")
                 data = _read_member(stream, size, keep=True)
+                offset += size + (-size % BLOCK)
                 if kind == GNU_LONG_NAME:
                     long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 elif kind == PAX_MEMBER:
@@ -111,12 +134,18 @@ def iter_tar_files(stream: IO[bytes], wanted: Callable[[str, int], bool]
                 # As tarfile: these types never have data (an old-style directory is a regular
                 # entry whose name ends in "/"); unknown types skip their stated size.
                 dataless = kind in DATALESS_TYPES or name.endswith("/")
-                _read_member(stream, 0 if dataless else size, keep=False)
+                skipped = 0 if dataless else size
+                _read_member(stream, skipped, keep=False)
+                offset += skipped + (-skipped % BLOCK)
+                entry = offset
                 continue
             data = _read_member(stream, size, size <= MAX_KEPT_SIZE and wanted(name, size))
+            offset += size + (-size % BLOCK)
         except TarFormatError as error:
             error.headers_read = headers_read
             raise
+        position.entry, position.end = entry, offset
+        entry = offset
         yield name, data
 
 

@@ -1,5 +1,6 @@
 """Training stream: node/worker split, weighted mixing, virtual epochs, exact resume."""
 import io
+import os
 
 import pytest
 import torch
@@ -164,3 +165,73 @@ def test_fewer_shards_than_workers_still_feeds_every_rank(tmp_path):
     assert {loader.steps_per_epoch for loader in loaders} == {8}
     for loader in loaders:
         assert len(take(loader, 10)) == 10  # crosses an epoch end on both workers
+
+
+class CountingFile:
+    """A shard file that counts the bytes read through it."""
+
+    read_bytes = 0
+
+    def __init__(self, path, mode="rb", buffering=-1):
+        self.file = open(path, mode, buffering=buffering)
+
+    def read(self, count=-1):
+        data = self.file.read(count)
+        CountingFile.read_bytes += len(data)
+        return data
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=0):
+        return self.file.seek(offset, whence)
+
+    def close(self):
+        self.file.close()
+
+
+def test_a_restore_re_reads_one_chunk_not_the_shard_before_it(tmp_path, monkeypatch):
+    from internimage.data import opener, shards
+    from internimage.data.faults import SkipCounter
+    from internimage.data.sources import SourceReader, SourceShards
+
+    pattern = write_class_shards(str(tmp_path), shards=1, per_shard=200)
+    source = SourceShards("in22k", "class", pattern, [pattern])
+    reader = SourceReader(source, [0], shuffle_buffer=10, counter=SkipCounter())
+    for _ in range(155):  # into chunk 15, 150 samples past the shard's start
+        reader.next()
+    state = reader.state()
+    expected = [reader.next().key for _ in range(20)]
+
+    for module in (opener, shards):
+        monkeypatch.setattr(module, "open", CountingFile, raising=False)
+    CountingFile.read_bytes = 0
+    restored = SourceReader(source, [0], shuffle_buffer=10, counter=SkipCounter(), state=state)
+    sample_bytes = os.path.getsize(pattern) / 200
+    assert CountingFile.read_bytes < 12 * sample_bytes  # one chunk of 10, not 150 samples
+    assert [restored.next().key for _ in range(20)] == expected
+
+
+@pytest.mark.parametrize("stream_kind", ["pipe", "gzip"])
+def test_a_restore_of_a_stream_or_compressed_shard_reads_up_to_the_chunk(tmp_path, stream_kind):
+    import gzip
+
+    from internimage.data.faults import SkipCounter
+    from internimage.data.sources import SourceReader, SourceShards
+
+    pattern = write_class_shards(str(tmp_path), shards=1, per_shard=60)
+    if stream_kind == "pipe":
+        url = f"pipe:cat {pattern}"
+    else:
+        url = pattern + ".gz"
+        with open(url, "wb") as handle:
+            handle.write(gzip.compress(open(pattern, "rb").read()))
+    source = SourceShards("in22k", "class", url, [url])
+    reader = SourceReader(source, [0], shuffle_buffer=7, counter=SkipCounter())
+    for _ in range(31):
+        reader.next()
+    state = reader.state()
+    # Neither can seek (a pipe; offsets inside gzip are not file offsets): read and skip.
+    expected = [reader.next().key for _ in range(40)]  # crosses into the next pass
+    restored = SourceReader(source, [0], shuffle_buffer=7, counter=SkipCounter(), state=state)
+    assert [restored.next().key for _ in range(40)] == expected
