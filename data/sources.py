@@ -1,9 +1,11 @@
 """One worker's resampled, chunk-shuffled view of one training source, with an exact position.
 
 Shard order: a worker owns every G-th shard of the source (G = ranks x workers, global worker id
-g), or all shards when there are fewer shards than workers, and walks them in passes, each pass a
-fresh permutation seeded by (seed, epoch, g, segment, source, pass). The stream never ends, so a
-rank can never run out of data before the others.
+g). With fewer shards S than workers, worker g reads shard g mod S and keeps every k-th sample of it
+(k: the number of workers sharing that shard, phase g div S), so in both cases every sample belongs
+to exactly one worker per pass and worker loads differ by at most one shard. A worker walks its
+shards in passes, each pass a fresh permutation seeded by (seed, epoch, g, segment, source, pass).
+The stream never ends, so a rank can never run out of data before the others.
 
 Shuffling is by chunks: ``shuffle_buffer`` consecutive samples are read, permuted by an RNG seeded
 by the chunk number, and handed out. Unlike a running buffer this has a tiny exact position (where
@@ -28,13 +30,18 @@ CHUNK_STREAM = 2
 
 @dataclass
 class SourceShards:
-    """A source's shards as one worker sees them, and which members of them are read."""
+    """A source's shards as one worker sees them, and which members of them are read.
+
+    ``stride`` / ``phase``: of each shard the worker keeps the samples whose index in the shard
+    is ``phase`` modulo ``stride`` (1 / 0: all of them)."""
 
     name: str
     kind: str
     pattern: str
     urls: list[str]
     policy: MemberPolicy = DEFAULT_POLICY
+    stride: int = 1
+    phase: int = 0
 
 
 def member_policy(cfg: DataConfig, source: SourceConfig | None = None) -> MemberPolicy:
@@ -50,14 +57,26 @@ def member_policy(cfg: DataConfig, source: SourceConfig | None = None) -> Member
 
 
 def worker_shards(urls: list[str], global_worker: int, global_workers: int) -> list[str]:
-    """The shards global worker ``global_worker`` of ``global_workers`` reads.
+    """The shards global worker ``global_worker`` of ``global_workers`` reads (see
+    ``worker_assignment``)."""
+    return worker_assignment(urls, global_worker, global_workers)[0]
 
-    Disjoint round-robin split when there are enough shards; every shard for every worker
-    otherwise (workers then differ by their seeds).
+
+def worker_assignment(urls: list[str], global_worker: int, global_workers: int
+                      ) -> tuple[list[str], int, int]:
+    """(shards, stride, phase) of global worker g of G: which shards it reads and which of their
+    samples it keeps (index mod stride == phase).
+
+    At least G shards: round-robin, every G-th shard, all samples. Fewer (S < G): shard g mod S,
+    shared by the k workers g' = g mod S (mod S), each keeping every k-th sample from g div S.
+    Either way each sample is one worker's per pass; costs O(S / G) per worker, no I/O.
     """
-    if len(urls) >= global_workers:
-        return urls[global_worker::global_workers]
-    return list(urls)
+    shards = len(urls)
+    if shards >= global_workers:
+        return urls[global_worker::global_workers], 1, 0
+    shard = global_worker % shards
+    sharing = len(range(shard, global_workers, shards))
+    return [urls[shard]], sharing, global_worker // shards
 
 
 class SourceReader:
@@ -128,19 +147,29 @@ class SourceReader:
         """Samples from (pass, position in pass, sample in shard at byte offset) on, forever."""
         # A pass entered mid-way (after a restore) may legitimately have nothing left to read.
         partial_pass = position > 0 or skip > 0
+        stride = self.shards.stride
         while True:
             order = self._shard_order(pass_index)
-            yielded_in_pass = 0
+            yielded_in_pass = read_in_pass = 0
             while position < len(order):
                 url = self.shards.urls[order[position]]
                 for sample in iter_samples(url, self.counter, self.shards.policy,
                                            (skip, offset)):
                     self._cursor = [pass_index, position, sample.index + 1, sample.end_offset]
+                    read_in_pass += 1
+                    if sample.index % stride != self.shards.phase:
+                        continue  # another worker's sample of a shared shard
                     yielded_in_pass += 1
                     yield sample
                 skip = offset = 0
                 position += 1
                 self._cursor = [pass_index, position, 0, 0]
+            if yielded_in_pass == 0 and read_in_pass > 0 and not partial_pass:
+                raise RuntimeError(
+                    f"source {self.shards.name!r}: shard {self.shards.urls[0]!r} holds "
+                    f"{read_in_pass} samples but is shared by {stride} workers, and this one "
+                    f"(share {self.shards.phase} of {stride}) gets none; write more, smaller "
+                    "shards (write_shards --max-samples) or use fewer ranks x workers")
             if yielded_in_pass == 0 and not partial_pass:
                 found = {k: v for k, v in self.counter.counts.items() if v}
                 raise RuntimeError(

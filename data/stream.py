@@ -22,7 +22,7 @@ from .decode import DecodeError, decode_caption, decode_class, guarded, image_by
 from .faults import (BAD_LABEL, CORRUPT_IMAGE, MISSING_KEY, OVERSIZED, FailureRate,
                      SkipCounter)
 from .shards import MemberPolicy, RawSample
-from .sources import SourceReader, worker_shards
+from .sources import SourceReader, worker_assignment
 from .tokenizer import Tokenizer
 from .transforms import train_transform
 
@@ -139,8 +139,9 @@ class SlotBuilder:
         self.seed_key = key
         self.readers = []
         for index, source in enumerate(self.stream.sources):
-            mine = dataclasses.replace(source, urls=worker_shards(
-                source.urls, self.global_worker, self.stream.layout.global_workers))
+            urls, stride, phase = worker_assignment(source.urls, self.global_worker,
+                                                    self.stream.layout.global_workers)
+            mine = dataclasses.replace(source, urls=urls, stride=stride, phase=phase)
             self.readers.append(SourceReader(
                 mine, key + [index], self.cfg.shuffle_buffer, self.counter,
                 saved["sources"][index] if resume else None,

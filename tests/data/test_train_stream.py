@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from internimage.data import SourceConfig, build_train_loader
-from internimage.data.sources import worker_shards
+from internimage.data.sources import worker_assignment, worker_shards
 
 from data_cases import small_config, take, write_caption_shards, write_class_shards
 
@@ -30,8 +30,9 @@ def test_worker_split_is_disjoint_and_covers_every_shard():
     parts = [worker_shards(urls, g, 4) for g in range(4)]
     assert sorted(sum(parts, [])) == sorted(urls)
     assert all(len(p) >= 2 for p in parts)
-    # Fewer shards than workers: every worker streams all of them instead of starving.
-    assert worker_shards(urls[:3], 5, 8) == urls[:3]
+    # Fewer shards than workers: each worker shares one shard, keeping every k-th sample.
+    assert worker_assignment(urls[:3], 5, 8) == ([urls[2]], 2, 1)  # shard 2: workers 2 and 5
+    assert worker_assignment(urls[:3], 0, 8) == ([urls[0]], 3, 0)  # shard 0: workers 0, 3, 6
 
 
 def test_two_ranks_of_two_workers_read_disjoint_shards_covering_all(eight_shards):
