@@ -95,6 +95,10 @@ class DataConfig:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     label_smoothing: float = 0.1
+    # Turn images upright by their EXIF orientation before cropping (train and eval). Off by
+    # default, as in PIL, timm and img2dataset (which store the pixels as the camera wrote them);
+    # on, an image with an orientation other than 1 is decoded whole (no crop-only decoding).
+    exif_transpose: bool = False
     # Eval: resize the short side to img_size / eval_crop_ratio, then centre-crop img_size.
     eval_crop_ratio: float = 0.875
     context_length: int = 77

@@ -46,6 +46,11 @@ from .shards import IMAGE_EXTENSIONS
 
 # The image formats the data layer accepts: the only Pillow plugins that ever see member bytes.
 PIL_FORMATS = ("JPEG", "PNG", "WEBP")
+# Transparent pixels are composited onto white (a transparent product shot on a web page is seen
+# on white); dropping the alpha channel instead showed whatever colour the file stored there,
+# black for most encoders.
+ALPHA_BACKGROUND = (255, 255, 255)
+EXIF_ORIENTATION_TAG = 0x0112
 # Largest class id a .cls may hold when the model's class count is not known: int64's range.
 MAX_CLASS_ID = 2**63 - 1
 
@@ -206,9 +211,45 @@ class EncodedImage:
         image = self._pil
         if image.format == "JPEG" and want:
             image.draft("RGB", want)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        return to_rgb_array(image)
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """uint8 (H, W, 3) of an image in any mode the accepted formats produce.
+
+    16-bit grey (PNG ``I;16``, or ``I``) is scaled by 255/65535 (``convert("RGB")`` clips it, so
+    anything above 255 of 65535 came out white); an alpha channel or a transparent palette entry
+    is composited onto ``ALPHA_BACKGROUND``; every other mode goes through ``convert("RGB")``.
+    """
+    if image.mode == "RGB":
         return np.array(image)
+    if image.mode.startswith("I"):
+        grey = np.asarray(image).astype(np.int64).clip(0, 65535)
+        return np.repeat(((grey * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, ALPHA_BACKGROUND + (255,))
+        return np.array(Image.alpha_composite(background, image.convert("RGBA")).convert("RGB"))
+    return np.array(image.convert("RGB"))
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) of image bytes; 1 (as stored) when absent or unreadable."""
+    try:
+        value = open_image(data).getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to drop the image
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """(H, W, C) as stored -> as displayed for EXIF ``orientation`` (what ImageOps.exif_transpose
+    does, on the array: 2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90 clockwise,
+    7 transverse, 8 rotate 90 anticlockwise)."""
+    moves = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1],
+             4: lambda a: a[::-1], 5: lambda a: a.transpose(1, 0, 2),
+             6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+             8: lambda a: np.rot90(a, 1)}
+    return np.ascontiguousarray(moves[orientation](pixels))
 
 
 def decode_class(data: bytes, num_classes: int | None = None) -> int:

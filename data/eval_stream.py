@@ -128,7 +128,7 @@ class EvalStream(IterableDataset):
             data = sample_image(raw, self.policy)
             label, caption = guarded(BAD_LABEL, self._target, raw)
             pixels = guarded(CORRUPT_IMAGE, eval_transform, data, self.cfg.img_size,
-                              self.cfg.eval_crop_ratio)
+                             self.cfg.eval_crop_ratio, self.cfg.exif_transpose)
         except DecodeError as error:
             counter.skip(error.reason, f"{raw.url}:{raw.key}", error)
             return self._invalid()
