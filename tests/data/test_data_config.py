@@ -33,6 +33,13 @@ def test_defaults_validate_and_every_field_but_the_sources_has_a_default():
     (dict(label_smoothing=1.0), "label_smoothing"),
     (dict(eval_crop_ratio=0.0), "eval_crop_ratio"),
     (dict(randaugment_magnitude=12), "randaugment_magnitude"),
+    (dict(max_failure_rate=1.5), "max_failure_rate=1.5 is a probability"),
+    (dict(failure_window=0), "failure_window=0 must be > 0"),
+    (dict(shuffle_buffer_mib=0), "shuffle_buffer_mib=0 must be > 0"),
+    (dict(max_image_mib=-1), "max_image_mib=-1 must be > 0"),
+    (dict(max_text_kib=0), "max_text_kib=0 must be > 0"),
+    (dict(read_timeout_s=0), "read_timeout_s=0 must be > 0"),
+    (dict(train_sources=[SourceConfig("a", "x.tar", caption_keys=[])]), "caption_keys=[]"),
 ])
 def test_bad_values_raise_value_error_naming_the_field(overrides, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
