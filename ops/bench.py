@@ -3,34 +3,35 @@
     python -m internimage.ops.bench [--device cpu|cuda] [--dtype float32|bfloat16|float16]
                                     [--variants t,h] [--batch N] [--repeats R] [--json PATH]
                                     [--no-reference] [--no-dcnv4]
+    python -m internimage.ops.bench --candidates all [--dtypes bfloat16,float16] [--json PATH]
 
 Per shape (every DCNv3 layer shape of the four stages at 224², N=64 on GPU, N=8 on CPU): forward
 and backward medians of ours, of the reference and (GPU, if the PyPI ``DCNv4`` package imports)
 of DCNv4; the speed-up; the bytes the op must move at least (forward: value + offset + mask +
 output; backward: value + offset + mask + grad_output + the three gradients), the achieved GB/s,
 the floor (those bytes over the measured copy bandwidth) and ours/floor. Numbers, not a test.
-On CUDA, ``--tiled`` also times the tiled kernels (shared-memory windows, selected per call by
-``INTERNIMAGE_DCNV3_CUDA_TILED=1``) right after the default untiled ones, on the same inputs.
+
+``--candidates all`` (or a comma list of names) times every CUDA kernel candidate of each
+direction (ops/candidates.py) on every shape and dtype (default bf16 and fp16), DCNv4 beside them,
+and prints per shape the fastest and its ratio to the floor: the measurement that sets
+``ops/candidate_table.py``. Without a GPU it runs every candidate once on a tiny shape through
+the CUDA emulation (ops/emulation.py), so CI exercises the same code path.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from . import extension
+from . import candidates, extension
 from .dcnv3 import dcnv3_core
 from .reference import dcnv3_core_reference
-
-TILED_ENV = "INTERNIMAGE_DCNV3_CUDA_TILED"
 
 # SPEC §1: stage-1 channels and groups per stage; stages halve the side from 56 at 224².
 VARIANTS = {"t": (64, (4, 8, 16, 32)), "h": (320, (10, 20, 40, 80))}
@@ -124,21 +125,7 @@ def _dcnv4_pack(offset: torch.Tensor, mask: torch.Tensor, groups: int) -> torch.
     return torch.nn.functional.pad(packed, (0, pad)).contiguous()
 
 
-@contextlib.contextmanager
-def tiled_kernels(enabled: bool) -> Iterator[None]:
-    """Within this block the CUDA extension runs its tiled kernels (it reads the switch per call)."""
-    previous = os.environ.get(TILED_ENV)
-    os.environ[TILED_ENV] = "1" if enabled else "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[TILED_ENV]
-        else:
-            os.environ[TILED_ENV] = previous
-
-
-def bench_shape(shape: BenchShape, dtype, device, repeats, with_reference, dcnv4, tiled=False) -> Row:
+def bench_shape(shape: BenchShape, dtype, device, repeats, with_reference, dcnv4) -> Row:
     value, offset, mask = make_inputs(shape, dtype, device)
     grad = torch.randn(shape.batch, shape.side, shape.side, shape.channels, device=device, dtype=dtype)
     element = value.element_size()
@@ -148,11 +135,8 @@ def bench_shape(shape: BenchShape, dtype, device, repeats, with_reference, dcnv4
     params = (*PARAMS, shape.groups, 1.0, False)
 
     backward_op = torch.ops.internimage.dcnv3_core_backward
-    for name, scheme in (("ours", False), ("tiled", True))[:1 + tiled]:
-        with tiled_kernels(scheme):
-            row.ms[f"{name}_fwd"] = median_ms(lambda: dcnv3_core(value, offset, mask, groups=shape.groups),
-                                              device, repeats)
-            row.ms[f"{name}_bwd"] = median_ms(lambda: backward_op(grad, value, offset, mask, *params), device, repeats)
+    row.ms["ours_fwd"] = median_ms(lambda: dcnv3_core(value, offset, mask, groups=shape.groups), device, repeats)
+    row.ms["ours_bwd"] = median_ms(lambda: backward_op(grad, value, offset, mask, *params), device, repeats)
 
     if with_reference:
         leaves = [t.clone().requires_grad_(True) for t in (value, offset, mask)]
@@ -164,19 +148,126 @@ def bench_shape(shape: BenchShape, dtype, device, repeats, with_reference, dcnv4
                                       device, repeats)
         del out
     if dcnv4 is not None:
-        packed = _dcnv4_pack(offset, mask, shape.groups)
-        args = (3, 3, 1, 1, 1, 1, 1, 1, shape.groups, shape.depth, 1.0, shape.batch, 0)
-        with torch.no_grad():
-            row.ms["dcnv4_fwd"] = median_ms(lambda: dcnv4.apply(value, packed, *args), device, repeats)
-        leaves = [value.clone().requires_grad_(True), packed.clone().requires_grad_(True)]
-        out = dcnv4.apply(*leaves, *args)
-        try:
-            row.ms["dcnv4_bwd"] = median_ms(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True),
-                                            device, repeats)
-        except RuntimeError as error:  # DCNv4 1.0.0.post2 has no bf16 backward
-            row.ms["dcnv4_bwd"] = float("nan")
-            row.notes.append(f"dcnv4 backward: {error}")
+        row.ms.update(time_dcnv4(dcnv4, shape, value, offset, mask, grad, device, repeats, row.notes))
     return row
+
+
+def time_dcnv4(dcnv4, shape: BenchShape, value, offset, mask, grad, device, repeats, notes: list) -> dict:
+    """DCNv4's forward and backward medians (ms) on the same inputs, offsets and mask packed its way."""
+    ms = {}
+    packed = _dcnv4_pack(offset, mask, shape.groups)
+    args = (3, 3, 1, 1, 1, 1, 1, 1, shape.groups, shape.depth, 1.0, shape.batch, 0)
+    with torch.no_grad():
+        ms["dcnv4_fwd"] = median_ms(lambda: dcnv4.apply(value, packed, *args), device, repeats)
+    leaves = [value.clone().requires_grad_(True), packed.clone().requires_grad_(True)]
+    out = dcnv4.apply(*leaves, *args)
+    try:
+        ms["dcnv4_bwd"] = median_ms(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True),
+                                    device, repeats)
+    except RuntimeError as error:  # DCNv4 1.0.0.post2 has no bf16 backward
+        ms["dcnv4_bwd"] = float("nan")
+        notes.append(f"dcnv4 backward: {error}")
+    return ms
+
+
+# ---- --candidates: every CUDA kernel candidate, side by side ---------------------------------------
+
+# Without a GPU the candidates run through the CUDA emulation, whose speed means nothing: one tiny
+# shape (two groups of InternImage's 16 channels), once, exercises every candidate's code path.
+EMULATED_SHAPES = [BenchShape("tiny", batch=1, side=8, groups=2, depth=16)]
+
+
+def pick_candidates(spec: str) -> dict[str, tuple[str, ...]]:
+    """``all`` or a comma list of names → the candidates to time per direction."""
+    if spec == "all":
+        return dict(candidates.CANDIDATES)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if not any(n in c for c in candidates.CANDIDATES.values())]
+    if unknown:
+        raise SystemExit(f"--candidates: unknown {unknown}; forward: {candidates.FORWARD}, "
+                         f"backward: {candidates.BACKWARD}")
+    return {d: tuple(n for n in names if n in c) for d, c in candidates.CANDIDATES.items()}
+
+
+def time_candidates(kernels, shapes: list[BenchShape], dtypes: list[torch.dtype], device: str, repeats: int,
+                    chosen: dict[str, tuple[str, ...]], bandwidth_gbs: float, dcnv4=None, warmup: int = 2) -> list[dict]:
+    """Per shape and dtype: each candidate's forward and backward median (ms) through the extension
+    module ``kernels`` (the CUDA one, or the emulated one on the CPU), the largest difference of
+    its result from the first candidate's, the floor, and the fastest per direction with its ratio
+    to the floor."""
+    results = []
+    for shape in shapes:
+        for dtype in dtypes:
+            value, offset, mask = make_inputs(shape, dtype, device)
+            grad = torch.randn(shape.batch, shape.side, shape.side, shape.channels, device=device, dtype=dtype)
+            params = (*PARAMS, shape.groups, 1.0, False)
+            element = value.element_size()
+            bytes_fwd = (value.numel() + offset.numel() + mask.numel() + grad.numel()) * element
+            bytes_bwd = bytes_fwd + (value.numel() + offset.numel() + mask.numel()) * element
+            floor = {"forward": bytes_fwd / bandwidth_gbs / 1e6, "backward": bytes_bwd / bandwidth_gbs / 1e6}
+            calls = {"forward": lambda name: kernels.forward(value, offset, mask, *params, name),
+                     "backward": lambda name: kernels.backward(grad, value, offset, mask, *params, name)}
+            entry = {**asdict(shape), "dtype": str(dtype).removeprefix("torch."), "floor_ms": floor,
+                     "class": candidates.shape_class(shape.side, shape.side), "ms": {}, "max_abs_diff": {},
+                     "fastest": {}, "notes": []}
+            for direction, names in chosen.items():
+                first = None
+                for name in names:
+                    result = calls[direction](name)
+                    result = result if isinstance(result, (list, tuple)) else [result]
+                    first = first or result
+                    entry["max_abs_diff"][f"{direction}/{name}"] = max(
+                        (a.double() - b.double()).abs().max().item() for a, b in zip(result, first))
+                    entry["ms"][f"{direction}/{name}"] = median_ms(lambda: calls[direction](name), device, repeats,
+                                                                   warmup)
+                if names:
+                    best = min(names, key=lambda n: entry["ms"][f"{direction}/{n}"])
+                    best_ms = entry["ms"][f"{direction}/{best}"]
+                    entry["fastest"][direction] = {"candidate": best, "ms": best_ms,
+                                                   "over_floor": best_ms / floor[direction]}
+            if dcnv4 is not None:
+                entry["ms"].update(time_dcnv4(dcnv4, shape, value, offset, mask, grad, device, repeats,
+                                              entry["notes"]))
+            results.append(entry)
+            print(f"done {shape.name} {entry['dtype']}", flush=True)
+    return results
+
+
+def format_candidates(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        timings = "  ".join(f"{k}={v:.3f}" for k, v in r["ms"].items())
+        fastest = "; ".join(f"{d}: {f['candidate']} {f['ms']:.3f} ms = {f['over_floor']:.1f}x floor"
+                            for d, f in r["fastest"].items())
+        lines.append(f"{r['name']:<10} {r['dtype']:<9} ({r['class']}) fastest {fastest}\n    {timings}")
+    return "\n".join(lines)
+
+
+def run_candidates(args, device: str) -> list[dict]:
+    chosen = pick_candidates(args.candidates)
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    if device == "cuda":
+        kernels = extension.kernels_for(torch.device("cuda"))
+        if kernels is None:
+            raise SystemExit(f"no compiled DCNv3 CUDA kernel: {extension.load_error('cuda')}")
+        shapes, repeats = shapes_for(args.variants.split(","), args.batch or 64), args.repeats or 50
+        dcnv4, dcnv4_error = (None, "skipped") if args.no_dcnv4 else _dcnv4_function()
+        warmup = 2
+    else:
+        from .emulation import load_emulated_kernels
+        kernels, shapes, repeats, warmup = load_emulated_kernels(), EMULATED_SHAPES, 1, 0
+        dcnv4, dcnv4_error = None, "no GPU"
+    bandwidth = copy_bandwidth_gbs(device)
+    results = time_candidates(kernels, shapes, dtypes, device, repeats, chosen, bandwidth, dcnv4, warmup)
+    env = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (CUDA emulation)",
+           "torch": torch.__version__, "copy_bandwidth_gbs": bandwidth, "repeats": repeats,
+           "dcnv4": dcnv4_error or "timed", "candidates": chosen, "table": candidates.TABLE}
+    print(f"# {env}")
+    print(format_candidates(results))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"environment": env, "candidates": results}, handle, indent=1)
+    return results
 
 
 def summarise(row: Row, bandwidth_gbs: float) -> dict:
@@ -188,11 +279,6 @@ def summarise(row: Row, bandwidth_gbs: float) -> dict:
            "ours_fwd_gbs": row.bytes_fwd / ms["ours_fwd"] / 1e6, "ours_bwd_gbs": row.bytes_bwd / ms["ours_bwd"] / 1e6,
            "ours_over_floor_fwd": ms["ours_fwd"] / floor_fwd, "ours_over_floor_bwd": ms["ours_bwd"] / floor_bwd,
            "notes": row.notes}
-    if "tiled_fwd" in ms:
-        out["tiled_speedup_fwd"] = ms["ours_fwd"] / ms["tiled_fwd"]
-        out["tiled_speedup_bwd"] = ms["ours_bwd"] / ms["tiled_bwd"]
-        out["tiled_over_floor_fwd"] = ms["tiled_fwd"] / floor_fwd
-        out["tiled_over_floor_bwd"] = ms["tiled_bwd"] / floor_bwd
     for other in ("ref", "dcnv4"):
         if f"{other}_fwd" in ms:
             out[f"speedup_vs_{other}_fwd"] = ms[f"{other}_fwd"] / ms["ours_fwd"]
@@ -205,7 +291,7 @@ def summarise(row: Row, bandwidth_gbs: float) -> dict:
 def format_table(results: list[dict]) -> str:
     head = (f"{'shape':<10} {'N':>3} {'side':>4} {'G':>3} {'D':>3} | {'ours f/b ms':>15} | {'ref f/b ms':>15} | "
             f"{'x ref f+b':>8} | {'dcnv4 f/b ms':>15} | {'x dcnv4 f/b':>11} | {'GB/s f/b':>11} | "
-            f"{'floor f/b ms':>15} | {'/floor f/b':>10} | {'tiled f/b ms':>15} | {'x untiled f/b':>13}")
+            f"{'floor f/b ms':>15} | {'/floor f/b':>10}")
     lines = [head, "-" * len(head)]
     for r in results:
         ms = r["ms"]
@@ -214,15 +300,13 @@ def format_table(results: list[dict]) -> str:
         v4 = pair(ms["dcnv4_fwd"], ms["dcnv4_bwd"]) if "dcnv4_fwd" in ms else "-"
         v4x = (f"{r['speedup_vs_dcnv4_fwd']:5.2f}/{r['speedup_vs_dcnv4_bwd']:5.2f}"
                if "dcnv4_fwd" in ms else "-")
-        tiled = pair(ms["tiled_fwd"], ms["tiled_bwd"]) if "tiled_fwd" in ms else "-"
-        tiled_x = (f"{r['tiled_speedup_fwd']:5.2f}/{r['tiled_speedup_bwd']:5.2f}" if "tiled_fwd" in ms else "-")
         lines.append(
             f"{r['name']:<10} {r['batch']:>3} {r['side']:>4} {r['groups']:>3} {r['depth']:>3} | "
             f"{pair(ms['ours_fwd'], ms['ours_bwd']):>15} | {ref:>15} | "
             f"{r.get('speedup_vs_ref_fwd_bwd', float('nan')):8.2f} | {v4:>15} | {v4x:>11} | "
             f"{r['ours_fwd_gbs']:5.1f}/{r['ours_bwd_gbs']:5.1f} | "
             f"{pair(r['floor_fwd_ms'], r['floor_bwd_ms']):>15} | "
-            f"{r['ours_over_floor_fwd']:4.1f}/{r['ours_over_floor_bwd']:4.1f} | {tiled:>15} | {tiled_x:>13}")
+            f"{r['ours_over_floor_fwd']:4.1f}/{r['ours_over_floor_bwd']:4.1f}")
     return "\n".join(lines)
 
 
@@ -237,11 +321,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--json", default=None, help="write the results (and the environment) here")
     parser.add_argument("--no-reference", action="store_true", help="skip timing the reference")
     parser.add_argument("--no-dcnv4", action="store_true", help="skip the DCNv4 baseline")
-    parser.add_argument("--tiled", action="store_true", help="also time the tiled CUDA kernels")
+    parser.add_argument("--candidates", default=None,
+                        help="'all' or a comma list: time these CUDA kernel candidates side by side "
+                             "(through the CUDA emulation, on a tiny shape, without a GPU)")
+    parser.add_argument("--dtypes", default="bfloat16,float16", help="with --candidates: comma list")
     args = parser.parse_args(argv)
-    if args.tiled and args.device != "cuda":
-        parser.error("--tiled: only the CUDA kernels have a tiled variant")
     device = args.device
+    if args.candidates:
+        return run_candidates(args, device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     batch = args.batch or (64 if device == "cuda" else 8)
     repeats = args.repeats or (50 if device == "cuda" else 5)
@@ -252,7 +339,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bandwidth = copy_bandwidth_gbs(device)
     results = []
     for shape in shapes_for(args.variants.split(","), batch):
-        row = bench_shape(shape, dtype, device, repeats, not args.no_reference, dcnv4, args.tiled)
+        row = bench_shape(shape, dtype, device, repeats, not args.no_reference, dcnv4)
         results.append(summarise(row, bandwidth))
         print(f"done {shape.name}", flush=True)
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import extension
+from . import candidates, extension
 from .reference import _pair, check_inputs, dcnv3_core_reference
 
 OP_NAME = "internimage::dcnv3_core"
@@ -34,7 +34,15 @@ def _dcnv3_core_op(value: Tensor, offset: Tensor, mask: Tensor, kernel_h: int, k
     kernels = extension.kernels_for(value.device)
     if kernels is None:
         return _reference_from_flat(value, offset, mask, *params)
-    return kernels.forward(value, offset, mask, *params)
+    return kernels.forward(value, offset, mask, *params, *_candidate("forward", value, offset))
+
+
+def _candidate(direction: str, value: Tensor, offset: Tensor) -> tuple[str, ...]:
+    """The CUDA kernel candidate for this call (ops/candidates.py) as the extension's last
+    argument; the CPU extension has one kernel per direction and takes none."""
+    if value.device.type != "cuda":
+        return ()
+    return (candidates.choose(direction, value.dtype, offset.shape[1], offset.shape[2]),)
 
 
 @_dcnv3_core_op.register_fake
@@ -54,7 +62,7 @@ def _dcnv3_core_backward_op(grad_output: Tensor, value: Tensor, offset: Tensor, 
                            f"formula should have taken the reference path")
     grad_value, grad_offset, grad_mask = kernels.backward(
         grad_output, value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-        dilation_h, dilation_w, groups, offset_scale, remove_center)
+        dilation_h, dilation_w, groups, offset_scale, remove_center, *_candidate("backward", value, offset))
     return grad_value, grad_offset, grad_mask
 
 

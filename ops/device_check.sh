@@ -27,8 +27,9 @@ python3 -c "from internimage.ops import extension as e; assert e.kernels_availab
 INTERNIMAGE_REQUIRE_FUSED_CUDA=1 timeout ${TEST_TIMEOUT:-100} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/ops/test_cuda_kernel.py} 2>&1 | tail -60 > "$OUT/tests.log"
 echo "tests done at $(elapsed) s"; tail -4 "$OUT/tests.log"
 
-timeout 120 python3 -m internimage.ops.bench --device cuda --dtype bfloat16 --repeats 30 --tiled --json "$OUT/bench_cuda_bf16.json" > "$OUT/bench.log" 2>&1
+timeout 120 python3 -m internimage.ops.bench --device cuda --dtype bfloat16 --repeats 30 --json "$OUT/bench_cuda_bf16.json" > "$OUT/bench.log" 2>&1
 echo "bench bf16 rc=$? at $(elapsed) s" | tee -a "$OUT/bench.log"
-timeout 40 python3 -m internimage.ops.bench --device cuda --dtype float32 --repeats 20 --no-reference --no-dcnv4 --tiled --json "$OUT/bench_cuda_fp32.json" >> "$OUT/bench.log" 2>&1
-echo "bench fp32 rc=$? at $(elapsed) s" | tee -a "$OUT/bench.log"
+# Every kernel candidate x shape x {bf16, fp16}, forward and backward: what ops/candidate_table.py is set from.
+timeout 180 python3 -m internimage.ops.bench --device cuda --candidates all --dtypes bfloat16,float16 --repeats 20 --json "$OUT/bench_cuda_candidates.json" >> "$OUT/bench.log" 2>&1
+echo "bench candidates rc=$? at $(elapsed) s" | tee -a "$OUT/bench.log"
 grep -v "^done" "$OUT/bench.log" | tail -30

@@ -9,7 +9,6 @@
 #include <torch/extension.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <string>
 #include <vector>
@@ -70,14 +69,20 @@ Shape checked_shape(const at::Tensor& value, const at::Tensor& offset, const at:
   return s;
 }
 
-// INTERNIMAGE_DCNV3_CUDA_TILED=1 picks the tiled kernels (for benchmarks, until they are measured
-// faster than the default untiled ones).
-cuda::Scheme kernel_scheme() {
-  const char* choice = std::getenv("INTERNIMAGE_DCNV3_CUDA_TILED");
-  if (choice == nullptr || *choice == 0 || std::string(choice) == "0") return cuda::Scheme::kUntiled;
-  TORCH_CHECK(std::string(choice) == "1", "INTERNIMAGE_DCNV3_CUDA_TILED=", choice,
-              " is not a choice; use 1 (tiled kernels) or 0 (default)");
-  return cuda::Scheme::kTiled;
+// Candidate names as ops/candidates.py spells them (the Python side picks one per call).
+cuda::ForwardCandidate forward_candidate(const std::string& name) {
+  if (name == "untiled") return cuda::ForwardCandidate::kUntiled;
+  if (name == "tiled") return cuda::ForwardCandidate::kTiled;
+  if (name == "points_split") return cuda::ForwardCandidate::kPointsSplit;
+  TORCH_CHECK(false, "dcnv3 CUDA forward: unknown candidate '", name, "'; use untiled, tiled or points_split");
+}
+
+cuda::BackwardCandidate backward_candidate(const std::string& name) {
+  if (name == "untiled") return cuda::BackwardCandidate::kUntiled;
+  if (name == "tiled") return cuda::BackwardCandidate::kTiled;
+  if (name == "chunk4") return cuda::BackwardCandidate::kChunk4;
+  if (name == "split") return cuda::BackwardCandidate::kSplit;
+  TORCH_CHECK(false, "dcnv3 CUDA backward: unknown candidate '", name, "'; use untiled, tiled, chunk4 or split");
 }
 
 // The kernels read each point's (dx, dy) as one 2-element vector, which must be aligned: a view
@@ -94,7 +99,8 @@ void check_launch(cudaError_t error, const char* what) {
 at::Tensor forward(const at::Tensor& value, const at::Tensor& offset_in, const at::Tensor& mask,
                    int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                    int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups,
-                   double offset_scale, bool remove_center) {
+                   double offset_scale, bool remove_center, const std::string& candidate) {
+  const cuda::ForwardCandidate kernels = forward_candidate(candidate);
   const at::Tensor offset = with_aligned_pairs(offset_in);
   const Shape s = checked_shape(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                 dilation_h, dilation_w, groups, offset_scale, remove_center);
@@ -103,7 +109,7 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& offset_in, const a
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "dcnv3_forward_cuda", [&] {
     check_launch(cuda::launch_forward(s, cuda_ptr<scalar_t>(value), cuda_ptr<scalar_t>(offset),
-                                      cuda_ptr<scalar_t>(mask), cuda_mut_ptr<scalar_t>(out), kernel_scheme(), stream),
+                                      cuda_ptr<scalar_t>(mask), cuda_mut_ptr<scalar_t>(out), kernels, stream),
                  "forward");
   });
   return out;
@@ -113,7 +119,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& v
                                  const at::Tensor& offset_in, const at::Tensor& mask, int64_t kernel_h,
                                  int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                                  int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups,
-                                 double offset_scale, bool remove_center) {
+                                 double offset_scale, bool remove_center, const std::string& candidate) {
+  const cuda::BackwardCandidate kernels = backward_candidate(candidate);
   const at::Tensor offset = with_aligned_pairs(offset_in);
   const Shape s = checked_shape(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                 dilation_h, dilation_w, groups, offset_scale, remove_center);
@@ -141,7 +148,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& v
     check_launch(cuda::launch_backward(s, cuda_ptr<scalar_t>(grad_out), cuda_ptr<scalar_t>(value),
                                        cuda_ptr<scalar_t>(offset), cuda_ptr<scalar_t>(mask), acc,
                                        cuda_mut_ptr<scalar_t>(grad_offset), cuda_mut_ptr<scalar_t>(grad_mask),
-                                       kernel_scheme(), stream),
+                                       kernels, stream),
                  "backward");
     if (reduced)
       check_launch(cuda::launch_cast<T>(acc, cuda_mut_ptr<scalar_t>(grad_value), value.numel(), stream),
@@ -155,8 +162,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& v
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused DCNv3 core, CUDA";
-  m.def("forward", &dcnv3::forward, "DCNv3 core forward (CUDA)");
-  m.def("backward", &dcnv3::backward, "DCNv3 core backward (CUDA): grad value, offset, mask");
+  m.def("forward", &dcnv3::forward, "DCNv3 core forward (CUDA); the last argument names the kernel candidate");
+  m.def("backward", &dcnv3::backward,
+        "DCNv3 core backward (CUDA): grad value, offset, mask; the last argument names the kernel candidate");
 #if defined(DCNV3_CUDA_EMULATION)
   m.def("take_atomic_counts", [] {
     auto& b = cuda_emulation::block();

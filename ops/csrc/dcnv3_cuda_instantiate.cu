@@ -10,10 +10,11 @@ template <typename T>
 cudaError_t instantiate_all(const Shape& s, const T* a, T* b, typename Accumulate<T>::type* acc,
                             cudaStream_t stream) {
   cudaError_t error = cudaSuccess;
-  for (const Scheme scheme : {Scheme::kUntiled, Scheme::kTiled}) {
-    if (error == cudaSuccess) error = launch_forward<T>(s, a, a, a, b, scheme, stream);
-    if (error == cudaSuccess) error = launch_backward<T>(s, a, a, a, a, acc, b, b, scheme, stream);
-  }
+  for (const auto candidate : {ForwardCandidate::kUntiled, ForwardCandidate::kTiled, ForwardCandidate::kPointsSplit})
+    if (error == cudaSuccess) error = launch_forward<T>(s, a, a, a, b, candidate, stream);
+  for (const auto candidate : {BackwardCandidate::kUntiled, BackwardCandidate::kTiled, BackwardCandidate::kChunk4,
+                               BackwardCandidate::kSplit})
+    if (error == cudaSuccess) error = launch_backward<T>(s, a, a, a, a, acc, b, b, candidate, stream);
   if (error == cudaSuccess) error = launch_cast<T>(acc, b, 0, stream);
   return error;
 }

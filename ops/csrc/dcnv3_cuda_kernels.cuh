@@ -202,10 +202,12 @@ __device__ __forceinline__ void load_corners(const Footprint<acc_t>& f, const T*
 // and outside(x) for each other point, x = outside_sample: 0, or NaN when its location or mask is
 // not finite (its sample is NaN in the reference's arithmetic), for the caller to add to every
 // channel.
+// Points first, first + step, ... only, when several lanes share an item's points.
 template <typename T, typename acc_t = typename Accumulate<T>::type, typename Visit, typename Outside>
 __device__ __forceinline__ void for_each_sample(const Shape& s, int h_out, int w_out, const T* item_offset,
-                                                const T* item_mask, Visit&& visit, Outside&& outside) {
-  for (int p = 0; p < static_cast<int>(s.points); ++p) {
+                                                const T* item_mask, Visit&& visit, Outside&& outside,
+                                                int first = 0, int step = 1) {
+  for (int p = first; p < static_cast<int>(s.points); p += step) {
     const Vec<T, 2> dxy = load_vec<T, 2>(item_offset + 2 * p);
     const auto f = footprint<acc_t>(s, h_out, w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
     if (f.contributes) {
@@ -258,6 +260,43 @@ __global__ void __launch_bounds__(kBlockThreads)
     // item = pixel·G + group, so the item's output channels start at item·D.
     store_from_acc<T, VEC>(out + at.item * depth + channel, acc);
   }
+}
+
+// Candidate "points_split" for small, latency-bound shapes (the late stages: 14x14, 7x7, where the
+// untiled forward takes 57 us for 4 us of bytes): each item's points are shared by 2^split_log2
+// groups of lanes, so a thread's chain of dependent loads is ~9 / 2^split_log2 points long instead
+// of 9, and the partial sums meet through shuffles. Same bytes as the untiled kernel; 2^split_log2
+// times the threads. Needs every chunk of an item in one pass (chunks <= its chunk lanes).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kBlockThreads)
+    forward_points_split_kernel(const Shape s, const T* __restrict__ value, const T* __restrict__ offset,
+                                const T* __restrict__ mask, T* __restrict__ out, int chunk_lanes_log2,
+                                int split_log2, int64_t items) {
+  using acc_t = typename Accumulate<T>::type;
+  // No early return: every lane reaches the shuffles.
+  const ItemIndex at = item_index(s, chunk_lanes_log2 + split_log2, items);
+  const int channels = static_cast<int>(s.channels()), depth = static_cast<int>(s.depth);
+  const int points = static_cast<int>(s.points), chunks = depth / VEC;
+  const int width_in = static_cast<int>(s.width_in);
+  const int chunk = at.lane & ((1 << chunk_lanes_log2) - 1), part = at.lane >> chunk_lanes_log2;
+  const bool active = at.item_valid && chunk < chunks;
+  const int channel = chunk * VEC;
+  acc_t acc[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
+  if (active) {
+    const T* image = value + at.batch * s.height_in * s.width_in * channels + at.group * depth;
+    for_each_sample<T>(s, at.h_out, at.w_out, offset + at.item * points * 2, mask + at.item * points,
+                       [&](const Footprint<acc_t>& f, acc_t m) {
+      add_sample<T, VEC>(acc, f, m, image + (f.y0 * width_in + f.x0) * channels + channel, width_in * channels,
+                         channels);
+    }, [&](acc_t nothing_or_nan) { add_to_all<VEC>(acc, nothing_or_nan); }, part, 1 << split_log2);
+  }
+  for (int delta = 1 << (chunk_lanes_log2 + split_log2 - 1); delta >= (1 << chunk_lanes_log2); delta >>= 1) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], delta);
+  }
+  if (active && part == 0) store_from_acc<T, VEC>(out + at.item * depth + channel, acc);
 }
 
 // ---- tiled kernels: a block owns one group of a tile of output pixels --------------------------
@@ -416,9 +455,15 @@ __device__ __forceinline__ void write_point_gradients(const Shape& s, int64_t it
   store_vec<T, 2>(grad_offset + at * 2, pair);
 }
 
+// Which gradients a backward_kernel instance computes: all three (candidate "untiled"), or, for
+// candidate "split", the mask/offset gradients (a pure gather: no atomics) and the value gradient
+// (a pure scatter: no value reads, no shuffles) in two launches, each with one access pattern and
+// fewer registers, so more warps keep atomics in flight.
+enum class BackwardParts { kAll, kPointGradients, kValueGradient };
+
 // grad_value_acc: fp32 (fp64 for double) gradient of value, zeroed by the caller; it may alias
 // the final grad_value when T is the accumulation type.
-template <typename T, int VEC>
+template <typename T, int VEC, BackwardParts kParts = BackwardParts::kAll>
 __global__ void __launch_bounds__(kBlockThreads)
     backward_kernel(const Shape s, const T* __restrict__ grad_out, const T* __restrict__ value,
                     const T* __restrict__ offset, const T* __restrict__ mask,
@@ -449,13 +494,17 @@ __global__ void __launch_bounds__(kBlockThreads)
       acc_t up[VEC];
       load_acc<T, VEC>(upstream_row + channel, up);
       const int corner = (f.y0 * width_in + f.x0) * channels + channel;
-      add_corner_dots<T, VEC>(f, image + corner, width_in * channels, channels, up, dots);
-      for_each_corner(f, [&](int dy, int dx, acc_t weight) {
-        atomic_axpy<VEC>(grad_image + corner + (dy * width_in + dx) * channels, m * weight, up);
-      });
+      if constexpr (kParts != BackwardParts::kValueGradient)
+        add_corner_dots<T, VEC>(f, image + corner, width_in * channels, channels, up, dots);
+      if constexpr (kParts != BackwardParts::kPointGradients) {
+        for_each_corner(f, [&](int dy, int dx, acc_t weight) {
+          atomic_axpy<VEC>(grad_image + corner + (dy * width_in + dx) * channels, m * weight, up);
+        });
+      }
     }
-    write_point_gradients<T>(s, item, p, at.item_valid && at.lane == 0, f, m, dots, tpi_log2, grad_offset,
-                             grad_mask);
+    if constexpr (kParts != BackwardParts::kValueGradient)
+      write_point_gradients<T>(s, item, p, at.item_valid && at.lane == 0, f, m, dots, tpi_log2, grad_offset,
+                               grad_mask);
   }
 }
 
@@ -589,10 +638,17 @@ inline unsigned grid_for(int64_t threads) {
   return static_cast<unsigned>((threads + kBlockThreads - 1) / kBlockThreads);
 }
 
-// Which kernels run: the untiled ones (measured on an H100, the default) or the tiled ones
-// (forward_tiled_kernel, backward_tiled_kernel), which fall back to the untiled ones where no
-// window fits.
-enum class Scheme { kUntiled, kTiled };
+// The kernel designs each direction can run ("candidates"; ops/candidates.py picks one per shape
+// class, dtype and direction, and ops/bench_results/NOTES.md lists each one's expected bytes,
+// atomics and occupancy). All compute the same result; where a candidate cannot run a shape (no
+// window fits, too many chunks) it runs the untiled kernel.
+//   forward:  kUntiled (measured on an H100, the default), kTiled (forward_tiled_kernel),
+//             kPointsSplit (forward_points_split_kernel);
+//   backward: kUntiled (the default), kTiled (backward_tiled_kernel), kChunk4 (the untiled kernel
+//             with chunks of at most 4 channels: fp32's layout for fp16/bf16), kSplit (two
+//             backward_kernel launches, see BackwardParts).
+enum class ForwardCandidate { kUntiled, kTiled, kPointsSplit };
+enum class BackwardCandidate { kUntiled, kTiled, kChunk4, kSplit };
 
 constexpr int kTileMargin = 3;                   // input pixels beyond the kernel's reach, when they fit
 constexpr size_t kTileSharedBytes = 48 * 1024;   // the most a kernel gets without an opt-in attribute
@@ -636,12 +692,26 @@ inline unsigned tile_blocks(const Shape& s, const Tile& tile) {
   return static_cast<unsigned>(s.batch * tile.tiles_y * tile.tiles_x * s.groups);
 }
 
+// Point groups per item for forward_points_split_kernel: up to 4, within one warp; 0 when the
+// item's chunks need more than one pass.
+inline int points_split_log2(int64_t chunks, int tpi_log2) {
+  if (chunks > (int64_t{1} << tpi_log2)) return 0;
+  return std::min(2, 5 - tpi_log2);
+}
+
 template <typename T, int VEC>
 cudaError_t launch_forward_vec(const Shape& s, const T* value, const T* offset, const T* mask, T* out,
-                               Scheme scheme, cudaStream_t stream) {
+                               ForwardCandidate candidate, cudaStream_t stream) {
   const int64_t items = s.pixels_out() * s.groups;
   const int tpi_log2 = threads_per_item_log2(s.depth / VEC);
-  if (scheme == Scheme::kTiled) {
+  if (candidate == ForwardCandidate::kPointsSplit) {
+    if (const int split_log2 = points_split_log2(s.depth / VEC, tpi_log2); split_log2 > 0) {
+      DCNV3_LAUNCH(grid_for(items << (tpi_log2 + split_log2)), kBlockThreads, 0, stream,
+                   forward_points_split_kernel<T, VEC>)(s, value, offset, mask, out, tpi_log2, split_log2, items);
+      return cudaGetLastError();
+    }
+  }
+  if (candidate == ForwardCandidate::kTiled) {
     if (const auto tile = plan_tile(s, static_cast<int>(s.depth / VEC), tpi_log2, sizeof(T))) {
       DCNV3_LAUNCH(tile_blocks(s, *tile), kBlockThreads, window_bytes(s, *tile, sizeof(T)), stream,
                    forward_tiled_kernel<T, VEC>)(s, *tile, value, offset, mask, out, tpi_log2);
@@ -656,25 +726,33 @@ cudaError_t launch_forward_vec(const Shape& s, const T* value, const T* offset, 
 // out (N, H_out, W_out, G·D) = DCNv3 core of the contiguous channels-last inputs.
 template <typename T>
 cudaError_t launch_forward(const Shape& s, const T* value, const T* offset, const T* mask, T* out,
-                           Scheme scheme, cudaStream_t stream) {
+                           ForwardCandidate candidate, cudaStream_t stream) {
   if (s.pixels_out() == 0) return cudaSuccess;
   const void* pointers[] = {value, out};
   switch (vector_width<T>(s, pointers, 2)) {
-    case 8: return launch_forward_vec<T, (sizeof(T) <= 2 ? 8 : 1)>(s, value, offset, mask, out, scheme, stream);
-    case 4: return launch_forward_vec<T, (sizeof(T) <= 4 ? 4 : 1)>(s, value, offset, mask, out, scheme, stream);
-    case 2: return launch_forward_vec<T, 2>(s, value, offset, mask, out, scheme, stream);
-    default: return launch_forward_vec<T, 1>(s, value, offset, mask, out, scheme, stream);
+    case 8: return launch_forward_vec<T, (sizeof(T) <= 2 ? 8 : 1)>(s, value, offset, mask, out, candidate, stream);
+    case 4: return launch_forward_vec<T, (sizeof(T) <= 4 ? 4 : 1)>(s, value, offset, mask, out, candidate, stream);
+    case 2: return launch_forward_vec<T, 2>(s, value, offset, mask, out, candidate, stream);
+    default: return launch_forward_vec<T, 1>(s, value, offset, mask, out, candidate, stream);
   }
 }
 
 template <typename T, int VEC>
 cudaError_t launch_backward_vec(const Shape& s, const T* grad_out, const T* value, const T* offset,
                                 const T* mask, typename Accumulate<T>::type* grad_value_acc,
-                                T* grad_offset, T* grad_mask, Scheme scheme, cudaStream_t stream) {
+                                T* grad_offset, T* grad_mask, BackwardCandidate candidate, cudaStream_t stream) {
   using acc_t = typename Accumulate<T>::type;
   const int64_t items = s.pixels_out() * s.groups;
   const int tpi_log2 = threads_per_item_log2(s.depth / VEC);
-  if (scheme == Scheme::kTiled) {
+  if (candidate == BackwardCandidate::kSplit) {
+    const unsigned blocks = grid_for(items << tpi_log2);
+    DCNV3_LAUNCH(blocks, kBlockThreads, 0, stream, backward_kernel<T, VEC, BackwardParts::kPointGradients>)(
+        s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, tpi_log2, items);
+    DCNV3_LAUNCH(blocks, kBlockThreads, 0, stream, backward_kernel<T, VEC, BackwardParts::kValueGradient>)(
+        s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, tpi_log2, items);
+    return cudaGetLastError();
+  }
+  if (candidate == BackwardCandidate::kTiled) {
     if (const auto tile = plan_tile(s, static_cast<int>(s.depth / VEC), tpi_log2, sizeof(acc_t))) {
       DCNV3_LAUNCH(tile_blocks(s, *tile), kBlockThreads, window_bytes(s, *tile, sizeof(acc_t)), stream,
                    backward_tiled_kernel<T, VEC>)(s, *tile, grad_out, value, offset, mask, grad_value_acc,
@@ -693,18 +771,19 @@ cudaError_t launch_backward_vec(const Shape& s, const T* grad_out, const T* valu
 template <typename T>
 cudaError_t launch_backward(const Shape& s, const T* grad_out, const T* value, const T* offset,
                             const T* mask, typename Accumulate<T>::type* grad_value_acc, T* grad_offset,
-                            T* grad_mask, Scheme scheme, cudaStream_t stream) {
+                            T* grad_mask, BackwardCandidate candidate, cudaStream_t stream) {
   if (s.pixels_out() == 0) return cudaSuccess;
   const void* pointers[] = {grad_out, value};
-  const int width = vector_width<T>(s, pointers, 2);
+  const int widest = vector_width<T>(s, pointers, 2);
+  const int width = candidate == BackwardCandidate::kChunk4 ? std::min(widest, 4) : widest;
   // The accumulation buffer is wider than T: check its alignment for the same element count.
   const int acc_width = aligned(grad_value_acc, width * static_cast<int>(sizeof(typename Accumulate<T>::type)))
                             ? width : 1;
   switch (acc_width) {
-    case 8: return launch_backward_vec<T, (sizeof(T) <= 2 ? 8 : 1)>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, scheme, stream);
-    case 4: return launch_backward_vec<T, (sizeof(T) <= 4 ? 4 : 1)>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, scheme, stream);
-    case 2: return launch_backward_vec<T, 2>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, scheme, stream);
-    default: return launch_backward_vec<T, 1>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, scheme, stream);
+    case 8: return launch_backward_vec<T, (sizeof(T) <= 2 ? 8 : 1)>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, candidate, stream);
+    case 4: return launch_backward_vec<T, (sizeof(T) <= 4 ? 4 : 1)>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, candidate, stream);
+    case 2: return launch_backward_vec<T, 2>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, candidate, stream);
+    default: return launch_backward_vec<T, 1>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, candidate, stream);
   }
 }
 

@@ -5,6 +5,7 @@ fiber with real barriers and warp shuffles. Same cases and tolerances as the GPU
 
 Needs a C++ compiler; CI (INTERNIMAGE_REQUIRE_FUSED_CPU=1) fails instead of skipping without one.
 """
+import json
 import shutil
 import subprocess
 import zlib
@@ -21,7 +22,7 @@ from ops_cases import (NON_FINITE_CASES, NON_FINITE_PROBLEM, PROBLEMS, Problem, 
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "ops" / "csrc"
-EMULATION = HERE / "cuda_emulation"
+EMULATION = HERE / "cuda_emulation"  # the emulator's self-test
 
 
 def _require_compiler():
@@ -33,12 +34,11 @@ def _require_compiler():
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    """internimage.ops._cuda's binding, its kernels running on CPU tensors (about 45 s to build)."""
+    """internimage.ops._cuda's binding, its kernels running on CPU tensors (about 45 s to build,
+    once per test session: the bench test below uses the same build)."""
     _require_compiler()
-    from torch.utils import cpp_extension
-    return cpp_extension.load(name="dcnv3_cuda_emulated", sources=[str(EMULATION / "dcnv3_cuda_emulated.cpp")],
-                              extra_include_paths=[str(CSRC)], extra_cflags=["-O2", "-fno-strict-aliasing"],
-                              build_directory=str(tmp_path_factory.mktemp("cuda_emulation")))
+    from internimage.ops.emulation import load_emulated_kernels
+    return load_emulated_kernels(str(tmp_path_factory.mktemp("cuda_emulation")))
 
 
 def _params(problem: Problem) -> tuple:
@@ -47,9 +47,10 @@ def _params(problem: Problem) -> tuple:
             problem.offset_scale, problem.remove_center)
 
 
-def _run(emulated, problem, inputs, grad_out):
-    out = emulated.forward(*inputs, *_params(problem))
-    return (out, *emulated.backward(grad_out, *inputs, *_params(problem)))
+def _run(emulated, problem, inputs, grad_out, kernels=("untiled", "untiled")):
+    """Forward and backward through the (forward, backward) kernel candidates ``kernels``."""
+    out = emulated.forward(*inputs, *_params(problem), kernels[0])
+    return (out, *emulated.backward(grad_out, *inputs, *_params(problem), kernels[1]))
 
 
 def _exact(problem, inputs, grad_out):
@@ -72,7 +73,7 @@ def test_fp32_matches_reference(emulated, scheme, name):
     problem, seed = PROBLEMS[name], zlib.crc32(name.encode())
     inputs = problem.make(torch.float32, generator_seed=seed)
     grad_out = _grad_out(problem, torch.float32, seed)
-    for label, got, want in zip(LABELS, _run(emulated, problem, inputs, grad_out), _exact(problem, inputs, grad_out)):
+    for label, got, want in zip(LABELS, _run(emulated, problem, inputs, grad_out, scheme), _exact(problem, inputs, grad_out)):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name} {label}: {m}")
 
@@ -84,7 +85,7 @@ def test_fp64_matches_reference_tightly(emulated, scheme, name):
     problem = PROBLEMS[name]
     inputs = problem.make(torch.float64, generator_seed=5)
     grad_out = _grad_out(problem, torch.float64, 5)
-    for label, got, want in zip(LABELS, _run(emulated, problem, inputs, grad_out), _exact(problem, inputs, grad_out)):
+    for label, got, want in zip(LABELS, _run(emulated, problem, inputs, grad_out, scheme), _exact(problem, inputs, grad_out)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=lambda m: f"{name} {label}: {m}")
 
 
@@ -95,7 +96,7 @@ def test_half_precision_within_tolerance(emulated, scheme, name, dtype):
     problem = PROBLEMS[name]
     inputs = problem.make(dtype, generator_seed=9, off_integer=True)
     grad_out = _grad_out(problem, dtype, 9)
-    for label, got, want in zip(LABELS, _run(emulated, problem, inputs, grad_out), _exact(problem, inputs, grad_out)):
+    for label, got, want in zip(LABELS, _run(emulated, problem, inputs, grad_out, scheme), _exact(problem, inputs, grad_out)):
         assert got.dtype == dtype
         rel = (got.double() - want).norm() / want.norm()
         assert rel < 1e-2, f"{name} {label}: relative error {rel:.2e}"
@@ -109,7 +110,7 @@ def test_non_finite_inputs_give_what_the_reference_gives(emulated, scheme, poiso
     inputs, grad_out = non_finite_inputs(poisoned, kind, dtype)
     exact = _exact(NON_FINITE_PROBLEM, inputs, grad_out)
     tolerance = 1e-10 if dtype == torch.float64 else 1e-4
-    for label, got, want in zip(LABELS, _run(emulated, NON_FINITE_PROBLEM, inputs, grad_out), exact):
+    for label, got, want in zip(LABELS, _run(emulated, NON_FINITE_PROBLEM, inputs, grad_out, scheme), exact):
         assert_same_non_finite(got, want, f"{poisoned}={kind} {label}", rtol=tolerance, atol=tolerance)
 
 
@@ -123,13 +124,13 @@ def test_unaligned_tensors_take_narrower_vectors(emulated, scheme, dtype):
         view = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape)
         return view.copy_(t)
 
-    aligned = _run(emulated, problem, inputs, grad_out)
-    unaligned = _run(emulated, problem, [shifted(t) for t in inputs], shifted(grad_out))
+    aligned = _run(emulated, problem, inputs, grad_out, scheme)
+    unaligned = _run(emulated, problem, [shifted(t) for t in inputs], shifted(grad_out), scheme)
     for label, a, b in zip(LABELS, unaligned, aligned):
         torch.testing.assert_close(a, b, msg=lambda m: f"{label}: {m}")
 
 
-def test_tiled_backward_issues_far_fewer_global_atomics(emulated, monkeypatch):
+def test_tiled_backward_issues_far_fewer_global_atomics(emulated):
     """What the tiled backward is for: on InternImage-T's stage-1 shape in bf16, with offsets of
     about a pixel as trained models have, its samples land in the shared-memory window, so it
     issues over 10x fewer global atomic instructions (17x when measured) for the same gradients."""
@@ -137,14 +138,13 @@ def test_tiled_backward_issues_far_fewer_global_atomics(emulated, monkeypatch):
     inputs = problem.make(torch.bfloat16, generator_seed=1)
     grad_out = _grad_out(problem, torch.bfloat16, 1)
     grads, counts = {}, {}
-    for tiled in ("0", "1"):
-        monkeypatch.setenv("INTERNIMAGE_DCNV3_CUDA_TILED", tiled)
+    for candidate in ("untiled", "tiled"):
         emulated.take_atomic_counts()
-        grads[tiled] = emulated.backward(grad_out, *inputs, *_params(problem))
-        counts[tiled] = emulated.take_atomic_counts()  # (global, shared)
-    assert counts["0"][1] == 0 and counts["1"][1] > 0
-    assert counts["0"][0] > 10 * counts["1"][0], counts
-    for label, a, b in zip(LABELS[1:], grads["1"], grads["0"]):
+        grads[candidate] = emulated.backward(grad_out, *inputs, *_params(problem), candidate)
+        counts[candidate] = emulated.take_atomic_counts()  # (global, shared)
+    assert counts["untiled"][1] == 0 and counts["tiled"][1] > 0
+    assert counts["untiled"][0] > 10 * counts["tiled"][0], counts
+    for label, a, b in zip(LABELS[1:], grads["tiled"], grads["untiled"]):
         torch.testing.assert_close(a, b, msg=lambda m: f"{label}: {m}")
 
 
@@ -170,3 +170,22 @@ def test_emulation_exposes_missing_barriers_and_bad_launches(tmp_path):
     assert "past the end" in results["shared_overflow"]
     assert "2048 threads" in results["too_many_threads"]
     assert "opt-in" in results["too_much_shared_memory"]
+
+
+def test_bench_candidates_mode_runs_every_candidate_through_the_emulation(emulated, tmp_path):
+    """``python -m internimage.ops.bench --candidates all`` without a GPU: every forward and backward
+    candidate, bf16 and fp16, on a tiny shape, agreeing with the first candidate; the JSON has the
+    fastest of each direction and its ratio to the floor (the same code path that times them on a
+    GPU)."""
+    from internimage.ops import bench, candidates
+    path = tmp_path / "candidates.json"
+    bench.main(["--device", "cpu", "--candidates", "all", "--json", str(path)])
+    results = json.loads(path.read_text())["candidates"]
+    assert sorted(r["dtype"] for r in results) == ["bfloat16", "float16"]
+    for result in results:
+        for direction, names in candidates.CANDIDATES.items():
+            for name in names:
+                assert result["ms"][f"{direction}/{name}"] > 0
+                assert result["max_abs_diff"][f"{direction}/{name}"] < 0.05, (direction, name, result["dtype"])
+            assert result["fastest"][direction]["candidate"] in names
+            assert result["fastest"][direction]["over_floor"] > 0
