@@ -16,7 +16,6 @@ then times the largest with the full step count, printed last with ``"largest": 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -27,21 +26,12 @@ import torch
 
 from internimage.ops import use_reference
 
-from .metrics import device_peak_tflops, peak_memory_gib, train_tflops_per_image
+from .engine import free_memory, release_engine
+from .distributed import compute_device, init_single_process, precision_dtype, synchronize
+from .metrics import (device_memory_stats, device_peak_tflops, peak_memory_gib, reset_peak_memory,
+                      train_tflops_per_image)
 
 __all__ = ["bench_largest", "bench_one", "largest_fitting", "main"]
-
-
-def _init_single_process() -> None:
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
-        os.environ.setdefault(key, value)
-    cuda = get_accelerator().device_name() == "cuda"
-    if cuda:
-        get_accelerator().set_device(0)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
 
 
 def _cfg(args, micro_batch: int, checkpointing: bool):
@@ -69,16 +59,16 @@ def bench_one(args, micro_batch: int, checkpointing: bool, macs: int | None) -> 
             raise
         result["oom"] = True
     finally:
-        _release(engine)
+        release_engine(engine)
         engine = None
-        _free_memory()
+        free_memory()
     if torch.cuda.is_available():
         # What the engine left behind after its release: a leak would shrink every later probe.
         result["allocated_after_release_gib"] = torch.cuda.memory_allocated() / 2**30
     if result.get("oom"):
         return result
     result.update(steps_per_s=args.steps / seconds, images_per_s=args.steps * micro_batch / seconds,
-                  peak_memory_gib=peak_memory_gib())
+                  peak_memory_gib=peak_memory_gib(), **device_memory_stats())
     if macs:
         result["gmacs_per_image"] = macs / 1e9
         result["tflops"] = result["images_per_s"] * train_tflops_per_image(macs)
@@ -96,9 +86,9 @@ def _build(args, micro_batch: int, checkpointing: bool):
     from .optim import set_lr
     cfg = _cfg(args, micro_batch, checkpointing)
     torch.manual_seed(0)
-    with torch.device(_device()):
+    with torch.device(compute_device()):
         module = build_module(cfg)
-    engine, optimizer = build_engine(cfg, module, 1)
+    engine, optimizer, _ = build_engine(cfg, module, 1)
     set_lr(optimizer, 1e-4)
     return engine
 
@@ -106,22 +96,21 @@ def _build(args, micro_batch: int, checkpointing: bool):
 def _timed_steps(engine, args, micro_batch: int) -> float:
     """Seconds of ``args.steps`` training steps after ``args.warmup``; the batch and the activations
     are locals, so they are gone once this returns or raises."""
-    device = _device()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    device = compute_device()
+    dtype = precision_dtype(args.precision)
     images = torch.randn(micro_batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
     target = torch.softmax(torch.randn(micro_batch, args.num_classes, device=device), dim=-1)
     label = torch.zeros(micro_batch, dtype=torch.long, device=device)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
-            _sync()
+            synchronize()
             t0 = time.perf_counter()
         with use_reference(args.dcn_reference):
             out = engine(image=images, target=target, label=label)
         engine.backward(out["loss"])
         engine.step()
-    _sync()
+    synchronize()
     return time.perf_counter() - t0
 
 
@@ -131,35 +120,6 @@ def _out_of_memory(error: BaseException) -> bool:
     message = str(error)
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in message \
         or "ALLOC_FAILED" in message
-
-
-def _release(engine) -> None:
-    """Drops what keeps a ZeRO-3 engine's module and optimizer alive after its last use (DeepSpeed
-    expects one engine per process): the engine's hooks, closures over both; DeepSpeed's global
-    forward-module stack, which holds the top module from the engine's start on and, after an
-    exception inside a forward, the submodules it was in; and the class-level ``lru_cache`` of the
-    parameter coordinator's release sets (keyed by coordinator and submodule, from the second step
-    on)."""
-    from deepspeed.runtime.zero import parameter_offload
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
-    if engine is not None:
-        engine.destroy()
-    parameter_offload.FWD_MODULE_STACK.clear()
-    # The cached method sits under DeepSpeed's NVTX wrapper, in its closure.
-    wrapper = PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
-    for cell in wrapper.__closure__ or ():
-        if hasattr(cell.cell_contents, "cache_clear"):
-            cell.cell_contents.cache_clear()
-
-
-def _free_memory() -> None:
-    gc.collect()  # the engine, optimizer and hooks reference each other: only the collector frees them
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def largest_fitting(fits: Callable[[int], bool], start: int = 8, limit: int = 4096,
@@ -230,11 +190,6 @@ def _emit(result: dict) -> None:
     print(json.dumps(result), flush=True)
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _macs(args) -> int | None:
     """fvcore multiply-adds per image; None with ``--no-flops``, ``--gmacs`` when given."""
     if args.no_flops:
@@ -242,7 +197,7 @@ def _macs(args) -> int | None:
     if args.gmacs:
         return round(args.gmacs * 1e9)
     from internimage.model import count_flops, create_model
-    with torch.device(_device()):
+    with torch.device(compute_device()):
         model = create_model(args.model, num_classes=args.num_classes)
     macs = count_flops(model, args.img_size)
     del model
@@ -271,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="multiply-adds per image, 1e9 (from an earlier run's gmacs_per_image): "
                              "skips the fvcore count, which takes tens of seconds for H")
     args = parser.parse_args(argv)
-    _init_single_process()
+    init_single_process()
     macs = _macs(args)
     settings = {"on": [True], "off": [False], "both": [False, True]}[args.checkpointing]
     if args.micro_batch == "max":

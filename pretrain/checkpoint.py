@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .configio import ConfigError
+from .distributed import barrier, rank as this_rank
 
 __all__ = ["ResumePoint", "checkpoint_root", "load_checkpoint", "prepare_universal",
            "resolve_resume", "save_checkpoint", "step_tag"]
@@ -62,7 +62,7 @@ def _fault_point(name: str, tag: str) -> None:
     if not spec:
         return
     fault_name, fault_tag, fault_rank = (spec.split(":") + ["", ""])[:3]
-    if fault_name == name and fault_tag in ("", tag) and fault_rank in ("", str(dist.get_rank())):
+    if fault_name == name and fault_tag in ("", tag) and fault_rank in ("", str(this_rank())):
         os._exit(17)
 
 
@@ -71,7 +71,7 @@ def save_checkpoint(engine: Any, root: str, step: int, trainer_state: dict, rank
     """Writes checkpoint ``step`` on every rank; returns its tag. Collective: all ranks call it."""
     tag = step_tag(step)
     tag_dir = os.path.join(root, tag)
-    rank = dist.get_rank()
+    rank = this_rank()
     engine.save_checkpoint(root, tag=tag, save_latest=False)
     tmp = _rank_file(tag_dir, rank) + ".tmp"
     torch.save(rank_state, tmp)
@@ -79,11 +79,11 @@ def save_checkpoint(engine: Any, root: str, step: int, trainer_state: dict, rank
     if rank == 0:
         _atomic_write_text(os.path.join(tag_dir, TRAINER_STATE), json.dumps(trainer_state, indent=1))
     _fault_point("save", tag)
-    dist.barrier()  # every rank has written everything: only now may latest move
+    barrier()  # every rank has written everything: only now may latest move
     if rank == 0:
         _atomic_write_text(os.path.join(root, "latest"), tag)
         _prune(root, keep_last, current=tag)
-    dist.barrier()
+    barrier()
     return tag
 
 
@@ -154,7 +154,7 @@ def prepare_universal(point: ResumePoint) -> str:
     Collective."""
     tag = point.tag + "_universal"
     out = os.path.join(point.root, tag)
-    if dist.get_rank() == 0 and not os.path.isdir(os.path.join(out, "zero")):
+    if this_rank() == 0 and not os.path.isdir(os.path.join(out, "zero")):
         shutil.rmtree(out, ignore_errors=True)
         command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                    point.tag_dir, "--output_folder", out, "--num_extract_workers", "1",
@@ -162,7 +162,7 @@ def prepare_universal(point: ResumePoint) -> str:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"ds_to_universal failed on {point.tag_dir}:\n{result.stderr[-4000:]}")
-    dist.barrier()
+    barrier()
     return tag
 
 
@@ -175,7 +175,7 @@ def load_checkpoint(engine: Any, point: ResumePoint, universal_tag: str | None =
         raise RuntimeError(f"DeepSpeed could not load checkpoint {point.tag_dir}")
     if universal_tag is not None:
         _restore_buffers(engine.module, point)
-    rank = dist.get_rank()
+    rank = this_rank()
     source_rank = min(rank, point.world_size - 1)
     return torch.load(_rank_file(point.tag_dir, source_rank), map_location="cpu", weights_only=False)
 

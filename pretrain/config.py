@@ -128,6 +128,13 @@ class DeepSpeedSection:
     overlap_comm: bool = True
     stage3_prefetch_bucket_size: Optional[int] = None
     stage3_param_persistence_threshold: Optional[int] = None
+    # Dtype of the gradient reduction across ranks. bf16 halves the traffic but rounds the partial
+    # sums to an 8-bit mantissa at every hop of the ring (a thousand hops on a thousand GPUs);
+    # fp32 keeps the sum exact to fp32 rounding. DeepSpeed's own default is the training dtype.
+    grad_reduce_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Bound on every collective wait (NCCL's watchdog aborts after it). Ranks wait this long while
+    # rank 0 alone converts a checkpoint for another world size or exports fine-tuning weights.
+    collective_timeout_minutes: float = 60.0
     extra: dict = field(default_factory=dict)
 
 
@@ -167,6 +174,11 @@ class PretrainConfig:
                    "model.grad_checkpointing takes true/false or one flag per stage (4 flags).")
         _check(self.objective.init_temperature > 0, "objective.init_temperature must be > 0.")
         _check(self.logging.every_steps >= 1, "logging.every_steps must be ≥ 1.")
+        _check(self.deepspeed.grad_reduce_dtype in ("fp32", self.deepspeed.precision),
+               f"deepspeed.grad_reduce_dtype must be fp32 or the training precision "
+               f"({self.deepspeed.precision}), got {self.deepspeed.grad_reduce_dtype}.")
+        _check(self.deepspeed.collective_timeout_minutes > 0,
+               "deepspeed.collective_timeout_minutes must be > 0.")
         kinds = {s.kind for s in self.data.train_sources}
         if self.objective.kind == "supervised":
             _check(kinds <= {"class"}, "objective.kind=supervised needs only kind=class sources "

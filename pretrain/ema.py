@@ -14,14 +14,16 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["ShardedEMA", "assemble_full_ema"]
+from .distributed import gather_rows, rank, world_size
+
+__all__ = ["ShardedEMA", "assemble_full_ema", "local_master_fp32"]
 
 
 def _is_zero3(param: nn.Parameter) -> bool:
     return hasattr(param, "ds_id")
 
 
-def _master_fp32(param: nn.Parameter) -> torch.Tensor:
+def local_master_fp32(param: nn.Parameter) -> torch.Tensor:
     """This rank's fp32 master of ``param``: its ZeRO-3 slice (1-D) or the full tensor."""
     if _is_zero3(param):
         from deepspeed.utils import safe_get_local_fp32_param
@@ -42,7 +44,7 @@ class ShardedEMA:
         self.decay = decay
         self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.buffers = dict(module.named_buffers())
-        self.shadow = {n: _master_fp32(p).detach().clone() for n, p in self.params}
+        self.shadow = {n: local_master_fp32(p).detach().clone() for n, p in self.params}
         self.shadow_buffers = {n: b.detach().clone() for n, b in self.buffers.items()}
         self.updates = 0
 
@@ -51,7 +53,7 @@ class ShardedEMA:
         """Call after each optimizer step."""
         weight = 1.0 - self.decay
         for name, param in self.params:
-            self.shadow[name].lerp_(_master_fp32(param).float(), weight)
+            self.shadow[name].lerp_(local_master_fp32(param).float(), weight)
         for name, buf in self.buffers.items():
             self.shadow_buffers[name].copy_(buf)  # running statistics follow the model
         self.updates += 1
@@ -136,17 +138,12 @@ def _is_persistent(param: nn.Parameter) -> bool:
 
 
 def _gather_shard(shard: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-    import torch.distributed as dist
-    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, shard.contiguous())
-    return torch.cat(parts)[:param.ds_numel].view(param.ds_shape)
+    return gather_rows(shard)[:param.ds_numel].view(param.ds_shape)
 
 
 def _partition_start(param: nn.Parameter) -> int:
     """Offset of this rank's slice in the flattened parameter (ZeRO-3 pads to world·ceil(n/world))."""
-    import torch.distributed as dist
-    world, rank = dist.get_world_size(), dist.get_rank()
-    return rank * math.ceil(param.ds_numel / world)
+    return rank() * math.ceil(param.ds_numel / world_size())
 
 
 def assemble_full_ema(shard_files: list[str]) -> tuple[dict[str, torch.Tensor], int]:

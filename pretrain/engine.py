@@ -1,6 +1,7 @@
 """DeepSpeed set-up: the module to train, its parameter groups and the DeepSpeed config dict."""
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import torch
@@ -10,10 +11,13 @@ from internimage.model import create_model, no_weight_decay, param_lr_scales
 from internimage.model.text_tower import TextTransformer
 
 from .config import PretrainConfig
+from .distributed import compute_device
+from .guards import StepGate
 from .module import PretrainModule
 from .optim import build_optimizer, group_parameters
 
-__all__ = ["build_module", "build_engine", "deepspeed_config", "param_groups", "scaled_lr"]
+__all__ = ["build_module", "build_engine", "deepspeed_config", "free_memory", "param_groups",
+           "release_engine", "scaled_lr"]
 
 IMAGE_PREFIX = "image."
 
@@ -83,6 +87,7 @@ def deepspeed_config(cfg: PretrainConfig, load_universal: bool = False) -> dict[
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
+        "communication_data_type": d.grad_reduce_dtype,
     }
     if cfg.optim.grad_clip > 0:
         ds["gradient_clipping"] = cfg.optim.grad_clip
@@ -111,13 +116,43 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def build_engine(cfg: PretrainConfig, module: PretrainModule, world_size: int,
                  load_universal: bool = False):
-    """``deepspeed.initialize`` on ``module`` with our AdamW groups; returns (engine, optimizer)."""
+    """``deepspeed.initialize`` on ``module`` with our AdamW groups; returns (engine, optimizer,
+    the ``StepGate`` that can veto the optimizer's next step)."""
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
 
     groups = param_groups(module, cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.optim.dcn_lr_mult)
-    device_type = "cuda" if get_accelerator().device_name() == "cuda" else "cpu"
-    optimizer = build_optimizer(groups, tuple(cfg.optim.betas), cfg.optim.eps, device_type)
-    engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+    client = build_optimizer(groups, tuple(cfg.optim.betas), cfg.optim.eps, compute_device().type)
+    gate = StepGate(client)
+    engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=client,
                                                    config=deepspeed_config(cfg, load_universal))
-    return engine, optimizer
+    return engine, optimizer, gate
+
+
+def release_engine(engine) -> None:
+    """Frees a DeepSpeed engine's module, optimizer and their device memory after its last use
+    (DeepSpeed expects one engine per process; benchmarks and fine-tuning stages make several).
+
+    Drops what keeps a ZeRO-3 engine alive: the engine's hooks, closures over both; DeepSpeed's
+    global forward-module stack, which holds the top module from the engine's start on and, after
+    an exception inside a forward, the submodules it was in; and the class-level ``lru_cache`` of
+    the parameter coordinator's release sets (keyed by coordinator and submodule, from the second
+    step on). ``engine`` may be None (nothing was built). Drop your own references to the engine,
+    then call ``free_memory()``."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    if engine is not None:
+        engine.destroy()
+    parameter_offload.FWD_MODULE_STACK.clear()
+    # The cached method sits under DeepSpeed's NVTX wrapper, in its closure.
+    wrapper = PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
+    for cell in wrapper.__closure__ or ():
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
+
+
+def free_memory() -> None:
+    """Collects released engines (the engine, optimizer and hooks reference each other: only the
+    collector frees them) and returns their cached device memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

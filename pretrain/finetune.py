@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import json
 import os
 import sys
@@ -21,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from internimage.data import SourceConfig
@@ -29,8 +27,10 @@ from internimage.model import create_model, extract_state_dict
 
 from .config import ConfigError, PretrainConfig, config_tree
 from .configio import from_dict
+from .engine import free_memory, release_engine
 from .export import export_weights
-from .train import PREEMPTION, Trainer, run_entry
+from .distributed import PREEMPTION, barrier, rank as this_rank, world_size
+from .train import Trainer, run_entry
 
 __all__ = ["FinetuneConfig", "InitConfig", "StageConfig", "load_finetune_config", "prepare_stage_weights",
            "stage_config", "main"]
@@ -272,20 +272,21 @@ def _run_stage(cfg: FinetuneConfig, index: int, world: int, rank: int) -> dict |
     if rank == 0 and not os.path.isfile(os.path.join(stage_cfg.run_dir, INIT_FILE)):
         path = prepare_stage_weights(cfg, index, stage_cfg, world)
         print(f"stage {stage.name}: starting weights in {path}", flush=True)
-    dist.barrier()
+    barrier()
 
     trainer = Trainer(stage_cfg)
     trainer.run()
     finished = trainer.progress.step >= trainer.total_steps
+    release_engine(trainer.engine)  # the next stage's engine must not share the device with this one
     del trainer
-    gc.collect()
+    free_memory()
     if not finished:
         return None
     if rank == 0:
         with open(f"{result_path}.tmp", "w") as f:
             json.dump(_stage_result(stage, stage_cfg), f, indent=1)
         os.replace(f"{result_path}.tmp", result_path)
-    dist.barrier()
+    barrier()
     with open(result_path) as f:
         return json.load(f)
 
@@ -303,7 +304,7 @@ def format_summary(results: list[dict]) -> str:
 
 
 def run_finetune(cfg: FinetuneConfig) -> int:
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = this_rank(), world_size()
     PREEMPTION.install()
     results = []
     for index in range(len(cfg.stages)):
@@ -324,7 +325,7 @@ def run_finetune(cfg: FinetuneConfig) -> int:
 
 
 def _make_run_dir_and_finetune(cfg: FinetuneConfig) -> int:
-    if dist.get_rank() == 0:
+    if this_rank() == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
     return run_finetune(cfg)
 

@@ -17,12 +17,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricsWriter", "ProgressLine", "device_peak_tflops", "peak_memory_gib",
-           "train_tflops_per_image"]
+from .distributed import compute_device
 
-# Dense bf16 tensor-core peak per device, TFLOP/s (vendor datasheets, no sparsity).
+__all__ = ["MetricsWriter", "ProgressLine", "device_memory_stats", "device_peak_tflops",
+           "peak_memory_gib", "peak_tflops_of", "reset_peak_memory", "train_tflops_per_image"]
+
+# Dense bf16 tensor-core peak per device, TFLOP/s (vendor datasheets, no sparsity), keyed by a
+# part of the name torch.cuda.get_device_name() reports ("NVIDIA H200", "NVIDIA B200", ...); the
+# longest key found in the name wins, so "H200 NVL" beats "H200" and "H200" beats "H20".
 _PEAK_BF16_TFLOPS = {
+    "GB200": 2500.0,
+    "B200": 2250.0,
+    "B100": 1750.0,
+    "H200 NVL": 835.0,
     "H200": 989.4,
+    "H800": 989.4,
+    "H20": 148.0,
     "H100 SXM": 989.4,
     "H100 80GB HBM3": 989.4,
     "H100 PCIe": 756.0,
@@ -32,6 +42,7 @@ _PEAK_BF16_TFLOPS = {
     "A100": 312.0,
     "A800": 312.0,
     "L40S": 362.1,
+    "L40": 181.0,
     "A10G": 70.0,
     "L4": 121.0,
 }
@@ -41,11 +52,15 @@ def device_peak_tflops(override: float | None = None) -> float | None:
     """Peak TFLOP/s of this process's device, or None when unknown (then MFU is not reported)."""
     if override is not None:
         return override
-    if not torch.cuda.is_available():
+    if compute_device().type != "cuda":
         return None
-    name = torch.cuda.get_device_name()
+    return peak_tflops_of(torch.cuda.get_device_name())
+
+
+def peak_tflops_of(device_name: str) -> float | None:
+    """Dense bf16 peak TFLOP/s of a device called ``device_name``, None when not in the table."""
     for key in sorted(_PEAK_BF16_TFLOPS, key=len, reverse=True):  # most specific first
-        if key in name:
+        if key in device_name:
             return _PEAK_BF16_TFLOPS[key]
     return None
 
@@ -56,10 +71,29 @@ def train_tflops_per_image(macs_per_image: int) -> float:
 
 
 def peak_memory_gib() -> float:
-    """Peak device memory allocated (GPU) or peak resident set size of this process (CPU), GiB."""
-    if torch.cuda.is_available():
+    """Peak device memory allocated (GPU) since the last ``reset_peak_memory()``, or the peak
+    resident set size of this process (CPU), GiB."""
+    if compute_device().type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def device_memory_stats() -> dict[str, float]:
+    """GPU memory of this process since the last reset, GiB: peak allocated (tensors), peak
+    reserved (the caching allocator's share of the device, what runs out first) and the
+    allocator's retries (cudaMalloc failures it recovered from by flushing its cache: a sign of
+    fragmentation near the limit). Empty on the CPU."""
+    if compute_device().type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {"max_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+            "alloc_retries": stats.get("num_alloc_retries", 0)}
+
+
+def reset_peak_memory() -> None:
+    """Starts a new peak-memory window (GPU; the CPU's peak RSS cannot be reset)."""
+    if compute_device().type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
 
 
 class MetricsWriter:

@@ -7,54 +7,17 @@ however unevenly a mixed stream spreads class and caption samples over the ranks
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["clip_loss", "global_count", "gather_with_grad", "soft_target_cross_entropy"]
+from .distributed import gather_rows, gather_rows_with_grad, rank, sum_tensor_over_ranks, world_size
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+__all__ = ["clip_loss", "global_count", "soft_target_cross_entropy"]
 
 
 def global_count(mask: Tensor) -> Tensor:
     """Number of True entries of ``mask`` summed over all ranks (float scalar, no grad)."""
-    count = mask.sum().to(torch.float32)
-    _, world = _world()
-    if world > 1:
-        count = count.clone()
-        dist.all_reduce(count)
-    return count
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward returns each rank the summed gradient of its slice.
-
-    Written with all_reduce (not reduce_scatter) because gloo, the CPU backend, lacks the latter.
-    """
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor) -> Tensor:
-        rank, world = _world()
-        ctx.rank, ctx.rows = rank, tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(world)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
-
-
-def gather_with_grad(tensor: Tensor) -> Tensor:
-    """(B, ...) per rank → (world·B, ...) in rank order, differentiable; identity on one process."""
-    _, world = _world()
-    return tensor if world == 1 else _GatherWithGrad.apply(tensor)
+    return sum_tensor_over_ranks(mask.sum().to(torch.float32))
 
 
 def soft_target_cross_entropy(logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -65,8 +28,7 @@ def soft_target_cross_entropy(logits: Tensor, target: Tensor, valid: Tensor | No
     per_sample = -(target.float() * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
     if valid is None:
         valid = torch.ones_like(per_sample, dtype=torch.bool)
-    _, world = _world()
-    denominator = global_count(valid).clamp(min=1.0) / world
+    denominator = global_count(valid).clamp(min=1.0) / world_size()
     return (per_sample * valid).sum() / denominator
 
 
@@ -80,11 +42,10 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, valid: T
     """
     image = F.normalize(image_emb.float(), dim=-1)
     text = F.normalize(text_emb.float(), dim=-1)
-    rank, world = _world()
-    if gather and world > 1:
-        all_image, all_text = gather_with_grad(image), gather_with_grad(text)
-        all_valid = torch.cat(_gather_plain(valid))
-        offset = rank * image.shape[0]
+    if gather and world_size() > 1:
+        all_image, all_text = gather_rows_with_grad(image), gather_rows_with_grad(text)
+        all_valid = gather_rows(valid)
+        offset = rank() * image.shape[0]
     else:
         all_image, all_text, all_valid, offset = image, text, valid, 0
     labels = torch.arange(image.shape[0], device=image.device) + offset
@@ -97,12 +58,6 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, valid: T
     loss_i = F.cross_entropy(logits_i2t.masked_fill(~valid[:, None], 0.0), safe_labels, reduction="none")
     loss_t = F.cross_entropy(logits_t2i.masked_fill(~valid[:, None], 0.0), safe_labels, reduction="none")
     per_pair = 0.5 * (loss_i + loss_t) * valid
-    denominator = global_count(valid).clamp(min=1.0) / _world()[1]
+    denominator = global_count(valid).clamp(min=1.0) / world_size()
     return per_pair.sum() / denominator
 
-
-def _gather_plain(tensor: Tensor) -> list[Tensor]:
-    _, world = _world()
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous())
-    return parts

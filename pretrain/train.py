@@ -7,11 +7,11 @@ checkpoint and evaluation. SIGTERM/SIGUSR1 on any rank makes all ranks checkpoin
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -19,7 +19,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from internimage.ops import use_reference
 from internimage.data import (SKIP_REASONS, DeviceTransform, Tokenizer, build_eval_loader,
@@ -29,17 +28,17 @@ from .checkpoint import (checkpoint_root, load_checkpoint, prepare_universal, ra
                          resolve_resume, save_checkpoint)
 from .config import ConfigError, PretrainConfig, load_config, save_config
 from .configio import to_dict
-from .ema import ShardedEMA, assemble_full_ema
+from .distributed import (PREEMPTION, all_ranks, barrier, compute_device, init_distributed,
+                          leave_distributed, mean_over_ranks, precision_dtype, rank, sum_over_ranks,
+                          synchronize, world_size)
+from .ema import ShardedEMA, assemble_full_ema, local_master_fp32
 from .engine import build_engine, build_module, scaled_lr
-from .metrics import (MetricsWriter, ProgressLine, device_peak_tflops, peak_memory_gib,
-                      train_tflops_per_image)
+from .guards import NonFiniteError, gradients_finite, tensors_finite
+from .metrics import (MetricsWriter, ProgressLine, device_memory_stats, device_peak_tflops,
+                      peak_memory_gib, reset_peak_memory, train_tflops_per_image)
 from .optim import cosine_lr, set_lr
 
-__all__ = ["main", "init_distributed", "leave_distributed", "parse_cli", "run_entry", "NonFiniteLossError", "PREEMPTION", "Trainer"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive non-finite losses."""
+__all__ = ["main", "parse_cli", "run_entry", "Trainer"]
 
 
 def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -68,43 +67,8 @@ class Progress:
     """What the checkpoint must carry to continue the loop exactly."""
     step: int = 0  # optimizer steps done
     samples: int = 0  # images consumed over all ranks (finite micro-batches only)
-    skipped_steps: int = 0  # micro-batches dropped for a non-finite loss
+    skipped_steps: int = 0  # micro-batches (non-finite loss) and steps (non-finite gradient) dropped
     nonfinite_streak: int = 0
-
-
-class _Preemption:
-    """Records SIGTERM/SIGUSR1; ranks agree on it at each step boundary (all_reduce MAX).
-
-    One per process (``PREEMPTION``), so a signal that arrives between two runs in one process (the
-    stages of a fine-tuning job) is still seen by the next.
-    """
-
-    def __init__(self):
-        self.flag = False
-        self.installed = False
-
-    def install(self) -> "_Preemption":
-        if not self.installed:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._handle)
-            self.installed = True
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.flag = True
-
-    def agreed(self) -> bool:
-        value = torch.tensor([1.0 if self.flag else 0.0])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item() > 0)
-
-
-PREEMPTION = _Preemption()
-
-
-def _device() -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-    return torch.device(get_accelerator().current_device_name())
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -124,14 +88,15 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _new_window() -> dict:
+    """Counters of one logging window: start time, data wait and paused (eval/save) seconds, steps."""
+    return {"t0": time.perf_counter(), "wait": 0.0, "paused": 0.0, "steps": 0}
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _precision_dtype(cfg: PretrainConfig) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
 
 
 class Trainer:
@@ -139,17 +104,17 @@ class Trainer:
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.rank, self.world = rank(), world_size()
         self.is_main = self.rank == 0
-        self.device = _device()
-        self.dtype = _precision_dtype(cfg)
+        self.device = compute_device()
+        self.dtype = precision_dtype(cfg.deepspeed.precision)
         self.progress = Progress()
         self.preemption = PREEMPTION.install()
         self.root = checkpoint_root(cfg.run_dir)
         if self.is_main:
             os.makedirs(self.root, exist_ok=True)
             save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-        dist.barrier()
+        barrier()
 
         point = resolve_resume(cfg.checkpoint.resume, cfg.run_dir)
         # Resumed from this run's own checkpoint: its step is already on disk here.
@@ -161,12 +126,19 @@ class Trainer:
             if cfg.objective.kind != "supervised" else None
         module = build_module(cfg, tokenizer.vocab_size if tokenizer else None)
         self.macs_per_image = self._model_report(module.image)
-        self.engine, self.optimizer = build_engine(cfg, module, self.world, load_universal=resharding)
+        self.engine, self.optimizer, self.step_gate = build_engine(cfg, module, self.world,
+                                                                   load_universal=resharding)
+        # The weights are identical on every rank by now; from here on each rank draws its own
+        # stochastic depth and dropout masks (the same seed would drop the same branches for
+        # sample i of every rank's micro-batch).
+        torch.manual_seed(cfg.seed + 7919 * (self.rank + 1))
         self.ema = ShardedEMA(self.engine.module, cfg.ema.decay) if cfg.ema.enabled else None
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1000 + self.rank)
         loader_state = self._resume(point, resharding) if point is not None else None
-        self.loader = build_train_loader(cfg.data, self.rank, self.world, state=loader_state)
+        # Pinned host batches let the copy to the GPU overlap compute (non_blocking below).
+        data_cfg = dataclasses.replace(cfg.data, pin_memory=cfg.data.pin_memory or self.device.type == "cuda")
+        self.loader = build_train_loader(data_cfg, self.rank, self.world, state=loader_state)
         self.transform = DeviceTransform(cfg.data, cfg.model.num_classes)
         self.eval_transform = DeviceTransform(cfg.data, cfg.model.num_classes, eval=True)
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch // cfg.optim.grad_accum)
@@ -224,47 +196,53 @@ class Trainer:
             return self.engine(image=batch["image"].to(self.dtype), target=batch["target"],
                                label=batch["label"], text=batch["text"])
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        flag = torch.tensor([1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item() > 0)
-
     def _optimizer_step(self, batches) -> tuple[dict, float]:
-        """One optimizer step over ``grad_accum`` finite micro-batches; returns (losses, data wait s)."""
+        """One optimizer step over ``grad_accum`` finite micro-batches whose gradients are finite;
+        returns (this rank's mean losses as device tensors, data wait s)."""
         set_lr(self.optimizer, cosine_lr(self.progress.step, self.total_steps, self.warmup_steps,
                                          self.peak_lr, self.cfg.optim.min_lr, self.cfg.optim.warmup_lr))
-        sums: dict[str, float] = {}
+        accum = self.cfg.optim.grad_accum
+        sums: dict[str, torch.Tensor] = {}
         wait, done = 0.0, 0
-        while done < self.cfg.optim.grad_accum:
+        while done < accum:
             t0 = time.perf_counter()
-            batch = self._device_batch(next(batches))
-            wait += time.perf_counter() - t0
-            out = self._forward(batch)
-            if not self._all_finite(out["loss"]):
-                self._count_nonfinite()
+            host_batch = next(batches)
+            wait += time.perf_counter() - t0  # the host waiting for the loader, not device work
+            out = self._forward(self._device_batch(host_batch))
+            if not all_ranks(torch.isfinite(out["loss"].detach())):
+                self._count_nonfinite("loss", "losses", "micro-batch")
                 continue
-            self.progress.nonfinite_streak = 0
             self.engine.backward(out["loss"])
-            self.engine.step()
             done += 1
+            boundary = done == accum
+            # fp16: DeepSpeed's loss scaler owns overflow (it skips the step and lowers the scale).
+            skip = boundary and self.dtype != torch.float16 and not gradients_finite(self.engine.module)
+            self.step_gate.closed = skip
+            self.engine.step()
+            self.step_gate.closed = False
+            if skip:  # the accumulated gradients are gone: the whole step starts again
+                self._count_nonfinite("gradient norm", "gradient norms", "step")
+                sums, done = {}, 0
+                continue
             for key in ("loss", "supervised", "contrastive", "logit_scale"):
                 if key in out:
-                    sums[key] = sums.get(key, 0.0) + float(out[key].detach()) / self.cfg.optim.grad_accum
+                    sums[key] = sums.get(key, 0.0) + out[key].detach().float() / accum
+        self.progress.nonfinite_streak = 0
         self.progress.step += 1
-        self.progress.samples += self.cfg.data.batch_size * self.cfg.optim.grad_accum * self.world
-        if self.ema is not None:
+        self.progress.samples += self.cfg.data.batch_size * accum * self.world
+        if self.ema is not None and self.engine.was_step_applied():
             self.ema.update()
         return sums, wait
 
-    def _count_nonfinite(self) -> None:
+    def _count_nonfinite(self, what: str, plural: str, dropped: str) -> None:
         self.progress.skipped_steps += 1
         self.progress.nonfinite_streak += 1
         if self.is_main:
-            print(f"non-finite loss in step {self.progress.step + 1}: micro-batch skipped "
+            print(f"non-finite {what} in step {self.progress.step + 1}: {dropped} skipped "
                   f"({self.progress.nonfinite_streak} in a row)", flush=True)
         if self.progress.nonfinite_streak >= self.cfg.schedule.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"{self.progress.nonfinite_streak} consecutive non-finite losses in step "
+            raise NonFiniteError(
+                f"{self.progress.nonfinite_streak} consecutive non-finite {plural} in step "
                 f"{self.progress.step + 1}; lower optim.lr, raise warm-up, or check the data.")
 
     def run(self) -> int:
@@ -273,11 +251,10 @@ class Trainer:
                                      self.is_main and cfg.logging.progress_bar)
         batches = iter(self.loader)
         self.engine.train()
-        window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
-        saved_at = self.saved_step
+        window = _new_window()
         while self.progress.step < self.total_steps:
             if self.preemption.agreed():
-                if saved_at != self.progress.step:  # never rewrite the checkpoint `latest` names
+                if self.saved_step != self.progress.step:  # never rewrite the checkpoint `latest` names
                     self.save()
                 if self.is_main:
                     print(f"preempted: checkpoint saved at step {self.progress.step}, exiting", flush=True)
@@ -289,27 +266,37 @@ class Trainer:
             step = self.progress.step
             if step % cfg.logging.every_steps == 0 or step == self.total_steps:
                 self._log(losses, window, progress_line)
-                window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < self.total_steps:
-                self.evaluate()
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                self.save()
-                saved_at = step
+                window = _new_window()
+            t0 = time.perf_counter()
+            if self._periodic_eval_and_save(step):
+                synchronize()
+                window["paused"] += time.perf_counter() - t0  # not training throughput
         progress_line.close()
-        if saved_at != self.progress.step:
+        if self.saved_step != self.progress.step:
             self.save()
         if cfg.eval.at_end:
             self.evaluate()
         self.metrics.close()
         return 0
 
+    def _periodic_eval_and_save(self, step: int) -> bool:
+        """The evaluation and checkpoint due after ``step``; True when either ran."""
+        cfg = self.cfg
+        evaluate = bool(cfg.eval.every_steps) and step % cfg.eval.every_steps == 0 and step < self.total_steps
+        save = bool(cfg.checkpoint.every_steps) and step % cfg.checkpoint.every_steps == 0
+        if evaluate:
+            self.evaluate()
+        if save:
+            self.save()
+        return evaluate or save
+
     # -- observability -----------------------------------------------------------------------
     def _log(self, losses: dict, window: dict, progress_line: ProgressLine) -> None:
-        elapsed = time.perf_counter() - window["t0"]
+        synchronize()  # the window's kernels are done before its clock is read
+        elapsed = time.perf_counter() - window["t0"] - window["paused"]
         images = window["steps"] * self.cfg.data.batch_size * self.cfg.optim.grad_accum * self.world
-        skips = torch.tensor([float(v) for v in
-                              (self.loader.skip_counts().get(r, 0) for r in SKIP_REASONS)])
-        dist.all_reduce(skips)
+        skips = sum_over_ranks([self.loader.skip_counts().get(r, 0) for r in SKIP_REASONS])
+        losses = mean_over_ranks({k: float(v) for k, v in losses.items()})
         grad_norm = self.engine.get_global_grad_norm()
         per_device = images / elapsed / self.world if elapsed > 0 else 0.0
         scalars = {
@@ -320,9 +307,10 @@ class Trainer:
             "images_per_s_per_device": per_device,
             "data_wait_fraction": window["wait"] / elapsed if elapsed > 0 else 0.0,
             "peak_memory_gib": peak_memory_gib(),
+            **{f"memory/{k}": v for k, v in device_memory_stats().items()},
             "samples_seen": self.progress.samples,
             "skipped_steps": self.progress.skipped_steps,
-            **{f"skipped_samples/{r}": int(v) for r, v in zip(SKIP_REASONS, skips.tolist())},
+            **{f"skipped_samples/{r}": int(v) for r, v in zip(SKIP_REASONS, skips)},
         }
         if self.macs_per_image:
             tflops = per_device * train_tflops_per_image(self.macs_per_image)
@@ -330,6 +318,7 @@ class Trainer:
             if self.peak_tflops:
                 scalars["mfu"] = tflops / self.peak_tflops
         self.metrics.write(self.progress.step, scalars)
+        reset_peak_memory()
         progress_line.update(self.progress.step, {
             "loss": losses.get("loss"), "lr": scalars["lr"], "img/s": scalars["images_per_s"],
             "mfu": scalars.get("mfu")})
@@ -338,24 +327,21 @@ class Trainer:
     @torch.no_grad()
     def _accuracy(self) -> dict[str, float]:
         self.engine.eval()
-        counts = torch.zeros(3)  # correct top-1, correct top-5, valid samples
+        counts = torch.zeros(3, device=self.device)  # correct top-1, correct top-5, valid samples
         for i, batch in enumerate(build_eval_loader(self.cfg.data, self.rank, self.world)):
             if self.cfg.eval.max_batches is not None and i >= self.cfg.eval.max_batches:
                 break
-            batch = self.eval_transform({k: v.to(self.device) for k, v in batch.items()})
+            batch = self.eval_transform({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
             with use_reference(self.cfg.model.dcn_reference):
                 logits = self.engine(image=batch["image"].to(self.dtype), evaluate=True)["logits"]
-            logits = logits.float()
             valid = batch["valid"] & (batch["label"] >= 0)
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
             hit = top == batch["label"][:, None]
-            counts += torch.tensor([float((hit[:, 0] & valid).sum()), float((hit.any(1) & valid).sum()),
-                                    float(valid.sum())])
-        dist.all_reduce(counts)
+            counts += torch.stack([(hit[:, 0] & valid).sum(), (hit.any(1) & valid).sum(), valid.sum()])
+        top1, top5, samples = sum_over_ranks(counts.tolist())
         self.engine.train()
-        total = max(1.0, counts[2].item())
-        return {"top1": counts[0].item() / total, "top5": counts[1].item() / total,
-                "samples": int(counts[2].item())}
+        total = max(1.0, samples)
+        return {"top1": top1 / total, "top5": top5 / total, "samples": int(samples)}
 
     def evaluate(self) -> dict:
         """Top-1/top-5 on the validation shards (and of the EMA weights); rank 0 logs them."""
@@ -372,7 +358,19 @@ class Trainer:
             print(f"eval step {self.progress.step}: {shown}", flush=True)
         return result
 
+    def _weights_finite(self) -> bool:
+        """Every rank's fp32 master weights and EMA shard hold no NaN/inf (collective)."""
+        tensors = [local_master_fp32(p) for p in self.engine.module.parameters() if p.requires_grad]
+        if self.ema is not None:
+            tensors += list(self.ema.shadow.values())
+        return all_ranks(tensors_finite(tensors))
+
     def save(self) -> None:
+        """A checkpoint of the current step; refuses (NonFiniteError) to write non-finite weights,
+        so ``latest`` keeps naming the last good one."""
+        if not self._weights_finite():
+            raise NonFiniteError(f"weights or EMA hold NaN/inf at step {self.progress.step}: not "
+                                 "saved; the run's latest checkpoint is the last finite one.")
         trainer_state = {
             "step": self.progress.step, "samples": self.progress.samples,
             "skipped_steps": self.progress.skipped_steps,
@@ -384,30 +382,7 @@ class Trainer:
                       "ema": self.ema.state_dict() if self.ema is not None else None}
         save_checkpoint(self.engine, self.root, self.progress.step, trainer_state, rank_state,
                         self.cfg.checkpoint.keep_last)
-
-
-def init_distributed(precision: str) -> bool:
-    """Joins the launcher's process group (nccl on GPUs, gloo on CPU); False when ``precision``
-    cannot run on this device (the reason printed)."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    backend = "nccl" if get_accelerator().device_name() == "cuda" else "gloo"
-    if backend == "gloo" and precision == "fp16":
-        print("config error: deepspeed.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); "
-              "use deepspeed.precision=bf16 or fp32 here.", file=sys.stderr)
-        return False
-    if backend == "nccl":
-        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=backend)
-    return True
-
-
-def leave_distributed() -> None:
-    """All ranks leave together: a process that exits with its gloo group alive, its peers still
-    talking, can abort in the group's teardown ("terminate called without an active exception")."""
-    dist.barrier()
-    dist.destroy_process_group()
+        self.saved_step = self.progress.step
 
 
 def run_entry(argv: list[str] | None, load: Callable[[str | None, list[str]], PretrainConfig],
@@ -420,12 +395,12 @@ def run_entry(argv: list[str] | None, load: Callable[[str | None, list[str]], Pr
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    if not init_distributed(cfg.deepspeed.precision):
+    if not init_distributed(cfg.deepspeed.precision, cfg.deepspeed.collective_timeout_minutes * 60):
         return 2
     try:
         code = work(cfg)
-    except NonFiniteLossError as exc:
-        print(f"rank {dist.get_rank()}: {exc}", file=sys.stderr, flush=True)
+    except NonFiniteError as exc:
+        print(f"rank {rank()}: {exc}", file=sys.stderr, flush=True)
         return 3
     leave_distributed()
     return code

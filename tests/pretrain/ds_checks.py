@@ -60,7 +60,7 @@ def _fresh(cfg):
 
 def _engine_step(cfg, module, batch, lr, rank):
     from internimage.ops import use_reference
-    engine, optimizer = build_engine(cfg, module, 2)
+    engine, optimizer, _ = build_engine(cfg, module, 2)
     set_lr(optimizer, lr)
     b = cfg.data.batch_size
     images, target, labels = batch
@@ -119,7 +119,7 @@ def check_ema(rank):
     cfg = _cfg()
     module = _fresh(cfg)
     plain_model = copy.deepcopy(module)
-    engine, optimizer = build_engine(cfg, module, 2)
+    engine, optimizer, _ = build_engine(cfg, module, 2)
     ema = ShardedEMA(engine.module, decay=0.5)
     reference = {n: safe_get_full_fp32_param(p).clone() for n, p in module.named_parameters()}
     b = cfg.data.batch_size

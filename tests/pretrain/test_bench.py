@@ -85,14 +85,14 @@ def out_of_memory(*_):
     raise torch.OutOfMemoryError("simulated: out of memory inside a block's forward")
 
 def build_and_watch(cfg, module, world_size):
-    engine, optimizer = build_engine(cfg, module, world_size)
+    engine, optimizer, gate = build_engine(cfg, module, world_size)
     if watched:  # the second engine runs out of memory half-way through the model
         module.image.levels[2].blocks[0].register_forward_pre_hook(out_of_memory)
     watched.extend(weakref.ref(x) for x in (module, engine, optimizer))
-    return engine, optimizer
+    return engine, optimizer, gate
 
 engine_module.build_engine = build_and_watch
-bench._init_single_process()
+bench.init_single_process()
 args = argparse.Namespace(model="internimage_t", img_size=32, num_classes=10, steps=1, warmup=1,
                           zero_stage=3, precision="fp32", peak_tflops=None, dcn_reference=False)
 results = [bench.bench_one(args, 2, True, None) for _ in range(2)]

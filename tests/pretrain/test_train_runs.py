@@ -293,3 +293,21 @@ def test_consecutive_non_finite_losses_stop_with_an_error_naming_the_step(demo_d
     output = result.stdout + result.stderr
     assert "non-finite loss in step 2: micro-batch skipped (1 in a row)" in output
     assert "3 consecutive non-finite losses in step 2" in output
+
+
+def test_inf_in_one_gradient_skips_the_step_and_keeps_weights_ema_and_checkpoint_finite(demo_data, tmp_path):
+    run_dir = str(tmp_path / "inf_gradient")
+    cmd = deepspeed_cmd(2, "tests/pretrain/inf_gradient_run.py", "configs/demo.yaml",
+                        *_overrides(demo_data, run_dir, **{"eval.at_end": "false"}))
+    result = run(cmd, INF_AT_STEP=3)
+    assert result.returncode == 0, tail(result)
+    assert "non-finite gradient norm in step 3: step skipped (1 in a row)" in result.stdout + result.stderr
+    train, _ = _train_metrics(run_dir)
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))  # the skipped step was redone
+    assert [r["skipped_steps"] for r in train] == [0, 0, 1, 1, 1, 1]
+    assert all(r["grad_norm"] is not None and r["grad_norm"] < float("inf") for r in train)
+    state = _state(run_dir)
+    assert state["step"] == STEPS and state["skipped_steps"] == 1
+    for ema in (False, True):
+        weights = _weights(run_dir, ema=ema)
+        assert all(torch.isfinite(v.float()).all() for v in weights.values()), f"ema={ema}"

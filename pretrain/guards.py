@@ -1,0 +1,81 @@
+"""Non-finite guards: a step whose gradients are not finite is skipped, never applied.
+
+DeepSpeed checks gradients for overflow only under fp16 loss scaling; in bf16 and fp32 (before
+DeepSpeed 0.19.8) a step with an ``inf`` or NaN gradient is applied, and one such step turns every
+weight it touches — and the EMA after it — into NaN. The trainer therefore checks the global
+gradient norm itself before each optimizer step and, when it is not finite on any rank, closes the
+``StepGate`` of the client optimizer: DeepSpeed runs its step bookkeeping (clears the gradients,
+moves its counters) while the weights and the optimizer moments stay exactly as they were.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .distributed import all_ranks
+
+__all__ = ["NonFiniteError", "StepGate", "gradients_finite", "tensors_finite"]
+
+
+class NonFiniteError(RuntimeError):
+    """Training cannot continue without NaN/inf (too many skipped steps, or non-finite weights)."""
+
+
+class StepGate:
+    """Lets the trainer veto the next ``step()`` of a torch optimizer.
+
+    DeepSpeed calls the client optimizer's ``step`` inside its own (per ZeRO sub-group); while the
+    gate is closed those calls return at once, so neither the parameters nor the optimizer state
+    (moments, step count) change.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.closed = False
+        self.vetoed_calls = 0
+        inner_step = optimizer.step
+
+        def gated_step(*args, **kwargs):
+            if self.closed:
+                self.vetoed_calls += 1
+                return None
+            return inner_step(*args, **kwargs)
+
+        optimizer.step = gated_step
+
+
+def _local_gradients(module: nn.Module) -> list[torch.Tensor]:
+    """This rank's share of every gradient after the backward of an accumulation boundary: the
+    ZeRO-3 partition of each parameter (fp32), else the parameter's own gradient."""
+    grads = []
+    for param in module.parameters():
+        if not param.requires_grad:
+            continue
+        if hasattr(param, "ds_id"):
+            from deepspeed.utils import safe_get_local_grad
+            grad = safe_get_local_grad(param)
+        else:
+            grad = param.grad
+            if grad is None:
+                from deepspeed.utils import safe_get_full_grad
+                grad = safe_get_full_grad(param)
+        if grad is not None:
+            grads.append(grad)
+    return grads
+
+
+def tensors_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim bool tensor on the tensors' device: no NaN or ±inf in any of them (one fused norm
+    per tensor, no host sync)."""
+    tensors = [t.detach() for t in tensors if t.numel()]
+    if not tensors:
+        return torch.tensor(True)
+    norms = torch._foreach_norm([t.float() if not t.is_floating_point() else t for t in tensors])
+    return torch.isfinite(torch.stack([n.float() for n in norms])).all()
+
+
+def gradients_finite(module: nn.Module) -> bool:
+    """True on every rank when the global gradient norm is finite (collective: all ranks call it,
+    between ``engine.backward`` of an accumulation boundary and ``engine.step``)."""
+    return all_ranks(tensors_finite(_local_gradients(module)))
