@@ -16,7 +16,7 @@ config_argument configs/finetune_demo.yaml "$@"
 MISSING_DEMO_RUN="$("$PYTHON" - "$CONFIG" "${ARGS[@]}" <<'PY'
 import os, sys
 from internimage.pretrain.config import ConfigError, load_config
-from internimage.pretrain.finetune import load_finetune_config
+from internimage.pretrain.finetuning import load_finetune_config
 try:
     cfg = load_finetune_config(sys.argv[1], [a for a in sys.argv[2:] if "=" in a])
 except (ConfigError, ValueError) as exc:

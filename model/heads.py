@@ -6,6 +6,20 @@ from torch import Tensor, nn
 
 from .layers import layer_norm
 
+# A classifier that replaces another on pretrained features starts this small: its first logits are
+# near zero (near-uniform predictions), so the gradients it sends into the pretrained trunk during
+# the first steps are small and do not disturb the features (BEiT/MAE fine-tuning do the same).
+NEW_CLASSIFIER_STD = 1e-3
+
+
+def new_classifier(in_features: int, num_classes: int, device: torch.device | str | None = None) -> nn.Linear:
+    """The final Linear that replaces a head: trunc-normal(NEW_CLASSIFIER_STD) weight, zero bias."""
+    head = nn.Linear(in_features, num_classes, device=device)
+    nn.init.trunc_normal_(head.weight, std=NEW_CLASSIFIER_STD, a=-2 * NEW_CLASSIFIER_STD,
+                          b=2 * NEW_CLASSIFIER_STD)
+    nn.init.zeros_(head.bias)
+    return head
+
 
 class ConvHead(nn.Sequential):
     """conv 1×1 (c → hidden, no bias) → BatchNorm → GELU → global average pool.

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .dcnv3 import DCNv3
-from .heads import ClipProjector, ConvHead
+from .heads import ClipProjector, ConvHead, new_classifier
 from .layers import DropPath, Mlp, drop_path_rates, init_weights, layer_norm
 
 
@@ -249,13 +249,13 @@ class InternImage(nn.Module):
 
     # -- timm-like utilities ------------------------------------------------------------------
     def reset_classifier(self, num_classes: int) -> None:
-        """Replaces the final Linear (trunc-normal 0.02, zero bias); 0 makes it an Identity."""
+        """Replaces the final Linear by a new one (``heads.new_classifier``: small, so it does not
+        disturb pretrained features); 0 makes it an Identity."""
         if self.features_only:
             raise RuntimeError("a features_only model has no classifier to reset")
         self.num_classes = num_classes
         device = next(self.parameters()).device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-        self.head.apply(init_weights)
+        self.head = new_classifier(self.num_features, num_classes, device) if num_classes > 0 else nn.Identity()
 
     def set_grad_checkpointing(self, enable: bool | Sequence[bool] = True, every: int = 1) -> None:
         """Activation checkpointing per block: ``enable`` for all stages or one flag per stage;

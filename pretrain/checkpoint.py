@@ -26,9 +26,14 @@ import torch
 
 from .configio import ConfigError
 from .distributed import barrier, rank as this_rank
+from .files import atomic_torch_save, atomic_write_json, atomic_write_text
+from .module import IMAGE_PREFIX
+from .state import RankState, RunState
 
-__all__ = ["ResumePoint", "checkpoint_root", "load_checkpoint", "prepare_universal",
-           "resolve_resume", "save_checkpoint", "step_tag"]
+__all__ = ["ResumePoint", "checkpoint_root", "consolidated_weights", "ema_shards",
+           "export_weights", "load_checkpoint", "prepare_universal", "resolve_resume",
+           "save_checkpoint", "step_tag"]
+
 
 TRAINER_STATE = "trainer_state.json"
 _TAG = re.compile(r"^step_(\d+)$")
@@ -46,15 +51,6 @@ def _rank_file(tag_dir: str, rank: int) -> str:
     return os.path.join(tag_dir, f"rank_{rank:05d}.pt")
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _fault_point(name: str, tag: str) -> None:
     """Fault injection for the crash-during-save test: ``INTERNIMAGE_FAULT=<name>:<tag>:<rank>``
     makes that rank exit at once, as a kill would, at that point of saving that checkpoint."""
@@ -66,22 +62,21 @@ def _fault_point(name: str, tag: str) -> None:
         os._exit(17)
 
 
-def save_checkpoint(engine: Any, root: str, step: int, trainer_state: dict, rank_state: dict,
+def save_checkpoint(engine: Any, root: str, run_state: RunState, rank_state: RankState,
                     keep_last: int) -> str:
-    """Writes checkpoint ``step`` on every rank; returns its tag. Collective: all ranks call it."""
-    tag = step_tag(step)
+    """Writes the checkpoint of ``run_state.step`` on every rank; returns its tag. Collective: all
+    ranks call it."""
+    tag = step_tag(run_state.step)
     tag_dir = os.path.join(root, tag)
     rank = this_rank()
     engine.save_checkpoint(root, tag=tag, save_latest=False)
-    tmp = _rank_file(tag_dir, rank) + ".tmp"
-    torch.save(rank_state, tmp)
-    os.replace(tmp, _rank_file(tag_dir, rank))
+    atomic_torch_save(rank_state.to_dict(), _rank_file(tag_dir, rank))
     if rank == 0:
-        _atomic_write_text(os.path.join(tag_dir, TRAINER_STATE), json.dumps(trainer_state, indent=1))
+        atomic_write_json(os.path.join(tag_dir, TRAINER_STATE), run_state.to_json())
     _fault_point("save", tag)
     barrier()  # every rank has written everything: only now may latest move
     if rank == 0:
-        _atomic_write_text(os.path.join(root, "latest"), tag)
+        atomic_write_text(os.path.join(root, "latest"), tag)
         _prune(root, keep_last, current=tag)
     barrier()
     return tag
@@ -101,7 +96,7 @@ class ResumePoint:
     """A complete checkpoint to continue from."""
     root: str
     tag: str
-    state: dict  # its trainer_state.json
+    state: RunState  # its trainer_state.json
 
     @property
     def tag_dir(self) -> str:
@@ -109,7 +104,7 @@ class ResumePoint:
 
     @property
     def world_size(self) -> int:
-        return int(self.state["world_size"])
+        return self.state.world_size
 
 
 def _read_latest(root: str) -> str | None:
@@ -126,7 +121,7 @@ def _point(root: str, tag: str) -> ResumePoint:
         raise ConfigError(f"Checkpoint '{os.path.join(root, tag)}' is incomplete (no {TRAINER_STATE}); "
                           "pick another with resume=PATH.")
     with open(state_path) as f:
-        return ResumePoint(root, tag, json.load(f))
+        return ResumePoint(root, tag, RunState.from_json(json.load(f)))
 
 
 def resolve_resume(resume: str | None, run_dir: str) -> ResumePoint | None:
@@ -166,7 +161,7 @@ def prepare_universal(point: ResumePoint) -> str:
     return tag
 
 
-def load_checkpoint(engine: Any, point: ResumePoint, universal_tag: str | None = None) -> dict:
+def load_checkpoint(engine: Any, point: ResumePoint, universal_tag: str | None = None) -> RankState:
     """Loads weights + optimizer into ``engine``; returns this rank's saved per-rank state (the
     state of rank ``min(rank, saved_world − 1)`` when the world size changed)."""
     load_path, _ = engine.load_checkpoint(point.root, tag=universal_tag or point.tag,
@@ -177,7 +172,12 @@ def load_checkpoint(engine: Any, point: ResumePoint, universal_tag: str | None =
         _restore_buffers(engine.module, point)
     rank = this_rank()
     source_rank = min(rank, point.world_size - 1)
-    return torch.load(_rank_file(point.tag_dir, source_rank), map_location="cpu", weights_only=False)
+    return _read_rank_state(point, source_rank)
+
+
+def _read_rank_state(point: ResumePoint, rank: int) -> RankState:
+    return RankState.from_dict(torch.load(_rank_file(point.tag_dir, rank), map_location="cpu",
+                                          weights_only=False))
 
 
 def _restore_buffers(module: torch.nn.Module, point: ResumePoint) -> None:
@@ -192,6 +192,41 @@ def _restore_buffers(module: torch.nn.Module, point: ResumePoint) -> None:
                 buf.copy_(saved[name].to(buf.dtype))
 
 
-def rank_files(point: ResumePoint) -> list[str]:
-    """Per-rank state files of ``point`` in rank order."""
-    return [_rank_file(point.tag_dir, r) for r in range(point.world_size)]
+def ema_shards(point: ResumePoint) -> list[dict]:
+    """The EMA shard of every rank of ``point``, in rank order (``ShardedEMA.state_dict()`` each)."""
+    if not point.state.ema:
+        raise ValueError(f"checkpoint {point.tag_dir} holds no EMA (the run had ema.enabled=false)")
+    return [_read_rank_state(point, r).ema for r in range(point.world_size)]
+
+
+def consolidated_weights(point: ResumePoint, ema: bool = False) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of the image model (official key names) at ``point``: DeepSpeed's
+    own ``zero_to_fp32`` joins the ZeRO shards, or the per-rank EMA shards are joined."""
+    if ema:
+        from .ema import assemble_full_ema
+        full, _ = assemble_full_ema(ema_shards(point))
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        full = get_fp32_state_dict_from_zero_checkpoint(point.root, tag=point.tag)
+    image = {k[len(IMAGE_PREFIX):]: v.float() if v.is_floating_point() else v
+             for k, v in full.items() if k.startswith(IMAGE_PREFIX)}
+    if not image:
+        raise ValueError(f"checkpoint {point.tag_dir} holds no image-model tensors (no keys under "
+                         f"'{IMAGE_PREFIX}')")
+    return image
+
+
+def export_weights(source: str, out: str, ema: bool = False) -> dict:
+    """Writes the image model of the newest checkpoint under ``source`` (a run folder, its
+    checkpoints folder or one checkpoint folder) to ``out`` in the official format: ``{"model":
+    state_dict, "step", "ema", "model_name", "num_classes", "arch"}``. Returns what it saved."""
+    point = resolve_resume(source, source)
+    if point is None:
+        raise FileNotFoundError(f"no checkpoint under {source}")
+    model_cfg = point.state.config["model"]
+    payload = {"model": consolidated_weights(point, ema), "step": point.state.step, "ema": ema,
+               "model_name": model_cfg["name"], "num_classes": model_cfg["num_classes"],
+               "arch": model_cfg["arch"]}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    atomic_torch_save(payload, out)
+    return payload

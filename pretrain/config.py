@@ -7,7 +7,6 @@ and checks cross-field consistency, all before any process starts work.
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -16,6 +15,7 @@ import yaml
 from internimage.data import DataConfig
 
 from .configio import ConfigError, apply_override, from_dict, parse_override, read_yaml_tree, to_dict
+from .files import atomic_write_text
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DeepSpeedSection", "EmaConfig", "EvalConfig", "LoggingConfig",
@@ -33,11 +33,16 @@ class ModelConfig:
     drop_path_rate: Optional[float] = None
     # Architecture keyword overrides for create_model, e.g. channels/depths/groups of a tiny demo.
     arch: dict = field(default_factory=dict)
-    # Activation checkpointing: true/false for all stages, or one flag per stage.
-    grad_checkpointing: Union[bool, list[bool]] = False
-    checkpoint_every: int = 1
     # Run DCNv3 through the pure-PyTorch reference instead of the fused kernel (for cross-checks).
     dcn_reference: bool = False
+
+
+@dataclass
+class ActivationCheckpointingConfig:
+    """Recomputing activations in the backward instead of keeping them (memory for compute): not
+    to be confused with saving checkpoints of the run (``checkpoint``)."""
+    enabled: Union[bool, list[bool]] = False  # all four stages, or one flag per stage
+    every_blocks: int = 1  # within an enabled stage, blocks 0, k, 2k… recompute
 
 
 @dataclass
@@ -143,6 +148,8 @@ class PretrainConfig:
     run_dir: str = "runs/pretrain"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
+    activation_checkpointing: ActivationCheckpointingConfig = field(
+        default_factory=ActivationCheckpointingConfig)
     text: TextConfig = field(default_factory=TextConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -168,10 +175,11 @@ class PretrainConfig:
         _check(0 <= self.ema.decay < 1, "ema.decay must be in [0, 1).")
         _check(self.checkpoint.every_steps >= 0, "checkpoint.every_steps must be ≥ 0 (0: only at the end).")
         _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be ≥ 1.")
-        _check(self.model.checkpoint_every >= 1, "model.checkpoint_every must be ≥ 1.")
-        if isinstance(self.model.grad_checkpointing, list):
-            _check(len(self.model.grad_checkpointing) == 4,
-                   "model.grad_checkpointing takes true/false or one flag per stage (4 flags).")
+        _check(self.activation_checkpointing.every_blocks >= 1,
+               "activation_checkpointing.every_blocks must be ≥ 1.")
+        if isinstance(self.activation_checkpointing.enabled, list):
+            _check(len(self.activation_checkpointing.enabled) == 4,
+                   "activation_checkpointing.enabled takes true/false or one flag per stage (4 flags).")
         _check(self.objective.init_temperature > 0, "objective.init_temperature must be > 0.")
         _check(self.logging.every_steps >= 1, "logging.every_steps must be ≥ 1.")
         _check(self.deepspeed.grad_reduce_dtype in ("fp32", self.deepspeed.precision),
@@ -197,15 +205,34 @@ def _check(condition: bool, message: str) -> None:
 
 # Short forms accepted on the command line.
 OVERRIDE_ALIASES = {"resume": "checkpoint.resume"}
+# Keys that moved: using an old one is an error naming the new one.
+RENAMED_KEYS = {"model.grad_checkpointing": "activation_checkpointing.enabled",
+                "model.checkpoint_every": "activation_checkpointing.every_blocks"}
+
+
+def _reject_renamed(keys: list[str], where: str) -> None:
+    dotted = ".".join(keys)
+    if dotted in RENAMED_KEYS:
+        raise ConfigError(f"'{dotted}' ({where}) was renamed: use '{RENAMED_KEYS[dotted]}' (activation "
+                          "recomputation has its own section; 'checkpoint' is for saving the run).")
+
+
+def _reject_renamed_in_tree(tree: dict, where: str) -> None:
+    for old in RENAMED_KEYS:
+        section, key = old.split(".")
+        if isinstance(tree.get(section), dict) and key in tree[section]:
+            _reject_renamed([section, key], where)
 
 
 def config_tree(path: Optional[str], overrides: list[str], schema: type) -> dict[str, Any]:
     """The YAML tree of ``path`` (with its ``base:`` chain) with ``key.sub=value`` overrides applied,
     each key checked against the dataclass ``schema``."""
     tree = copy.deepcopy(read_yaml_tree(path)) if path is not None else {}
+    _reject_renamed_in_tree(tree, f"in {path}")
     for text in overrides:
         keys, value = parse_override(text)
         keys = OVERRIDE_ALIASES.get(".".join(keys), ".".join(keys)).split(".")
+        _reject_renamed(keys, "on the command line")
         apply_override(tree, keys, value, schema)
     return tree
 
@@ -221,7 +248,4 @@ def config_to_dict(cfg: PretrainConfig) -> dict:
 
 def save_config(cfg: PretrainConfig, path: str) -> None:
     """Writes the resolved config as YAML (loadable again by ``load_config``)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

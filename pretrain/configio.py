@@ -5,6 +5,7 @@ and, for a misspelt key, the closest valid one, so a typo fails before any proce
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -19,7 +20,8 @@ class ConfigError(ValueError):
     """A configuration that cannot be run: unknown key, wrong type or inconsistent values."""
 
 
-def _closest(key: str, valid: list[str]) -> str:
+def closest_key_hint(key: str, valid: list[str]) -> str:
+    """The end of an unknown-key error: the closest valid key, else all of them."""
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(sorted(valid))}."
 
@@ -113,7 +115,7 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise ConfigError(f"Unknown config key '{path}'.{_closest(str(key), names)}")
+            raise ConfigError(f"Unknown config key '{path}'.{closest_key_hint(str(key), names)}")
         kwargs[key] = _coerce(value, hints[key], path)
     try:
         return cls(**kwargs)
@@ -168,7 +170,7 @@ def apply_override(tree: dict, keys: list[str], value: Any, schema: type) -> Non
         if cls is not None and dataclasses.is_dataclass(cls):
             names = [f.name for f in dataclasses.fields(cls)]
             if key not in names:
-                raise ConfigError(f"Unknown config key '{'.'.join(walked)}'.{_closest(key, names)}")
+                raise ConfigError(f"Unknown config key '{'.'.join(walked)}'.{closest_key_hint(key, names)}")
             field_type = typing.get_type_hints(cls)[key]
         else:
             field_type = None
@@ -209,12 +211,14 @@ def read_yaml_tree(path: str, _seen: tuple[str, ...] = ()) -> dict:
         return tree
     if os.path.abspath(base) in _seen + (os.path.abspath(path),):
         raise ConfigError(f"Config file '{path}': base '{base}' includes itself.")
-    return _merge(read_yaml_tree(base, _seen + (os.path.abspath(path),)), tree)
+    return merge_trees(read_yaml_tree(base, _seen + (os.path.abspath(path),)), tree)
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
+def merge_trees(base: dict, over: dict) -> dict:
+    """``over`` merged onto ``base``: mappings merge key by key, anything else is replaced (a list
+    too). Neither input is modified."""
+    out = copy.deepcopy(base)
     for key, value in over.items():
         both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merge(out[key], value) if both else value
+        out[key] = merge_trees(out[key], value) if both else copy.deepcopy(value)
     return out

@@ -146,16 +146,16 @@ def _partition_start(param: nn.Parameter) -> int:
     return rank() * math.ceil(param.ds_numel / world_size())
 
 
-def assemble_full_ema(shard_files: list[str]) -> tuple[dict[str, torch.Tensor], int]:
-    """Joins the per-rank EMA shards (in rank order) into full tensors, name → parameter shape.
+def assemble_full_ema(shards: list[dict]) -> tuple[dict[str, torch.Tensor], int]:
+    """Joins the per-rank EMA shards (``ShardedEMA.state_dict()`` of each rank, in rank order)
+    into full tensors, name → parameter shape.
 
     Returns (tensors including buffers, number of EMA updates)."""
-    states = [torch.load(f, map_location="cpu", weights_only=False)["ema"] for f in shard_files]
-    first = states[0]
+    first = shards[0]
     full: dict[str, torch.Tensor] = {}
     for name, meta in first["meta"].items():
         if meta["zero3"]:
-            flat = torch.cat([s["shadow"][name].flatten() for s in states])[:meta["numel"]]
+            flat = torch.cat([s["shadow"][name].flatten() for s in shards])[:meta["numel"]]
             full[name] = flat.view(meta["shape"]).clone()
         else:
             full[name] = first["shadow"][name].clone()

@@ -11,23 +11,23 @@ from internimage.model import create_model, no_weight_decay, param_lr_scales
 from internimage.model.text_tower import TextTransformer
 
 from .config import PretrainConfig
+from .configio import merge_trees
 from .distributed import compute_device
 from .guards import StepGate
-from .module import PretrainModule
+from .module import IMAGE_PREFIX, PretrainModule
 from .optim import build_optimizer, group_parameters
 
 __all__ = ["build_module", "build_engine", "deepspeed_config", "free_memory", "param_groups",
            "release_engine", "scaled_lr"]
-
-IMAGE_PREFIX = "image."
 
 
 def build_image_model(cfg: PretrainConfig) -> nn.Module:
     m = cfg.model
     model = create_model(m.name, num_classes=m.num_classes, pretrained=m.pretrained,
                          drop_path_rate=m.drop_path_rate, **m.arch)
-    if m.grad_checkpointing:
-        model.set_grad_checkpointing(m.grad_checkpointing, every=m.checkpoint_every)
+    recompute = cfg.activation_checkpointing
+    if recompute.enabled:
+        model.set_grad_checkpointing(recompute.enabled, every=recompute.every_blocks)
     return model
 
 
@@ -48,17 +48,11 @@ def build_module(cfg: PretrainConfig, vocab_size: int | None = None) -> Pretrain
 
 def param_groups(module: PretrainModule, weight_decay: float, layer_decay: float,
                  dcn_lr_mult: float) -> list[dict]:
-    """AdamW groups: SPEC §2 LR scales for the image model (1.0 elsewhere); no decay on 1-D,
-    biases and what the model exempts; no decay on the temperature."""
+    """AdamW groups: the layer-wise LR scales of the image model (1.0 for the text tower and the
+    temperature); the model's no-weight-decay rule for every parameter (the temperature is 0-D)."""
     image_scales = param_lr_scales(module.image, layer_decay, dcn_lr_mult)
     scales = {IMAGE_PREFIX + name: s for name, s in image_scales.items()}
-
-    def exempt(name: str, param: torch.Tensor) -> bool:
-        if name.startswith(IMAGE_PREFIX):
-            return no_weight_decay(name[len(IMAGE_PREFIX):], param)
-        return param.ndim <= 1 or name.endswith(".bias")
-
-    return group_parameters(module.named_parameters(), weight_decay, scales, exempt)
+    return group_parameters(module.named_parameters(), weight_decay, scales, no_weight_decay)
 
 
 def scaled_lr(cfg: PretrainConfig, world_size: int) -> float:
@@ -103,15 +97,7 @@ def deepspeed_config(cfg: PretrainConfig, load_universal: bool = False) -> dict[
                       "min_loss_scale": 1}
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
-    return _merge(ds, d.extra)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else value
-    return out
+    return merge_trees(ds, d.extra)
 
 
 def build_engine(cfg: PretrainConfig, module: PretrainModule, world_size: int,

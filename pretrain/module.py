@@ -13,7 +13,9 @@ from torch import Tensor, nn
 
 from .objectives import clip_loss, soft_target_cross_entropy
 
-__all__ = ["PretrainModule"]
+__all__ = ["IMAGE_PREFIX", "PretrainModule"]
+
+IMAGE_PREFIX = "image."  # the image model's parameter names inside the trained module
 
 
 class PretrainModule(nn.Module):

@@ -1,5 +1,5 @@
-"""AdamW parameter groups (SPEC §2 layer-wise LR decay × DCN multiplier, no decay on 1-D/bias) and
-the per-step warm-up + cosine schedule.
+"""AdamW parameter groups (per-parameter LR scale × weight decay or none) and the per-step warm-up
++ cosine schedule.
 
 Each group carries ``lr_scale``; ``set_lr`` writes ``lr = base · lr_scale`` into every group each
 step. Under ZeRO-3 the optimizer DeepSpeed returns shares these group dicts with the client
@@ -17,13 +17,9 @@ from torch import nn
 __all__ = ["build_optimizer", "cosine_lr", "group_parameters", "set_lr"]
 
 
-def _default_no_decay(name: str, param: torch.Tensor) -> bool:
-    return param.ndim <= 1 or name.endswith(".bias")
-
-
 def group_parameters(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
-                     lr_scales: dict[str, float] | None = None,
-                     no_decay: Callable[[str, torch.Tensor], bool] = _default_no_decay) -> list[dict]:
+                     lr_scales: dict[str, float] | None,
+                     no_decay: Callable[[str, torch.Tensor], bool]) -> list[dict]:
     """Splits parameters into groups of equal (lr_scale, weight_decay).
 
     ``lr_scales`` maps parameter name → LR multiplier (missing names get 1.0). Returns

@@ -104,7 +104,7 @@ def check_llrd(rank):
 def check_checkpointing(rank):
     grads = []
     for flag in ("false", "true"):
-        cfg = _cfg(f"model.grad_checkpointing={flag}")
+        cfg = _cfg(f"activation_checkpointing.enabled={flag}")
         module = _fresh(cfg)
         engine, _ = _engine_step(cfg, module, _batches(cfg, 1)[0], 0.01, rank)
         grads.append({n: safe_get_full_grad(p).clone() for n, p in module.named_parameters()})

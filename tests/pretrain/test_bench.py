@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from internimage.pretrain.bench import largest_fitting
+from internimage.pretrain.benchmark import largest_fitting
 
 
 class FakeDevice:
@@ -75,7 +75,8 @@ def test_start_outside_one_to_limit_is_refused():
 RELEASE_CHECK = r"""
 import argparse, json, weakref
 import torch
-import internimage.pretrain.bench as bench
+import internimage.pretrain.benchmark as bench
+from internimage.pretrain.distributed import init_single_process
 import internimage.pretrain.engine as engine_module
 
 watched = []
@@ -92,7 +93,7 @@ def build_and_watch(cfg, module, world_size):
     return engine, optimizer, gate
 
 engine_module.build_engine = build_and_watch
-bench.init_single_process()
+init_single_process()
 args = argparse.Namespace(model="internimage_t", img_size=32, num_classes=10, steps=1, warmup=1,
                           zero_stage=3, precision="fp32", peak_tflops=None, dcn_reference=False)
 results = [bench.bench_one(args, 2, True, None) for _ in range(2)]

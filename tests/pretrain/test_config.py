@@ -16,11 +16,11 @@ def test_every_shipped_config_loads(path):
 
 
 def test_overrides_are_typed_and_reach_nested_lists():
-    cfg = load_config(DEMO, ["optim.lr=1e-3", "model.grad_checkpointing=[true, false, true, false]",
+    cfg = load_config(DEMO, ["optim.lr=1e-3", "activation_checkpointing.enabled=[true, false, true, false]",
                              "data.train_sources.0.weight=2", "resume=/x/checkpoints/step_00000010",
                              "optim.betas=[0.9, 0.95]"])
     assert cfg.optim.lr == 0.001 and isinstance(cfg.optim.lr, float)
-    assert cfg.model.grad_checkpointing == [True, False, True, False]
+    assert cfg.activation_checkpointing.enabled == [True, False, True, False]
     assert cfg.data.train_sources[0].weight == 2.0
     assert cfg.checkpoint.resume == "/x/checkpoints/step_00000010"
     assert cfg.optim.betas == (0.9, 0.95)
@@ -44,7 +44,7 @@ def test_unknown_keys_are_rejected_with_the_closest_valid_key(override, hint):
     ("deepspeed.zero_stage=4", "not one of"),
     ("optim.grad_accum=0", "grad_accum must be"),
     ("objective.kind=contrastive", "needs only kind=caption sources"),
-    ("model.grad_checkpointing=[true, false]", "one flag per stage"),
+    ("activation_checkpointing.enabled=[true, false]", "one flag per stage"),
     ("data.batch_size=0", "batch_size"),
     ("optim.lr", "must look like key.sub=value"),
 ])
@@ -54,7 +54,7 @@ def test_bad_values_name_the_field(override, words):
 
 
 def test_resolved_config_round_trips_through_the_saved_yaml(tmp_path):
-    cfg = load_config(DEMO, ["optim.lr=3e-4", "model.grad_checkpointing=[true, true, false, false]"])
+    cfg = load_config(DEMO, ["optim.lr=3e-4", "activation_checkpointing.enabled=[true, true, false, false]"])
     path = str(tmp_path / "config.yaml")
     save_config(cfg, path)
     assert load_config(path) == cfg
@@ -63,3 +63,16 @@ def test_resolved_config_round_trips_through_the_saved_yaml(tmp_path):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+@pytest.mark.parametrize("old, new", [("model.grad_checkpointing", "activation_checkpointing.enabled"),
+                                      ("model.checkpoint_every", "activation_checkpointing.every_blocks")])
+def test_activation_checkpointing_keys_that_moved_name_their_new_place(old, new, tmp_path):
+    """Recomputation is not checkpoint saving: it has its own section, and the old keys say where."""
+    with pytest.raises(ConfigError, match=f"'{old}' \\(on the command line\\) was renamed: use '{new}'"):
+        load_config(DEMO, [f"{old}=true" if "grad" in old else f"{old}=2"])
+    section, key = old.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"base: {DEMO}\n{section}:\n  {key}: true\n")
+    with pytest.raises(ConfigError, match=f"was renamed: use '{new}'"):
+        load_config(str(path))

@@ -10,8 +10,8 @@ import torch
 
 from internimage.model import create_model
 from internimage.pretrain.config import ConfigError
-from internimage.pretrain.export import export_weights
-from internimage.pretrain.finetune import load_finetune_config, prepare_stage_weights, stage_config
+from internimage.pretrain.checkpoint import export_weights
+from internimage.pretrain.finetuning import load_finetune_config, prepare_stage_weights, stage_config
 
 from pretrain_helpers import REPO, cpu_env, deepspeed_cmd, free_port, run, tail
 
@@ -36,7 +36,7 @@ def pretraining_run(demo_data, tmp_path_factory):
 
 def finetune_args(source: str, run_dir: str, demo_data: str) -> list[str]:
     return ["configs/finetune_demo.yaml", f"init.source={source}", f"run_dir={run_dir}",
-            "stages.0.total_steps=4", "stages.1.total_steps=8", "checkpoint.every_steps=2",
+            "stages.0.schedule.total_steps=4", "stages.1.schedule.total_steps=8", "checkpoint.every_steps=2",
             "eval.max_batches=2", "logging.progress_bar=false", *data_overrides(demo_data)]
 
 
@@ -129,11 +129,14 @@ def test_a_head_of_another_size_is_replaced_by_a_small_new_one(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("stages=[{name: a}]", "stages\\[0\\] lacks img_size"),
+    ("stages=[{name: a}]", "stages\\[0\\] lacks data.img_size"),
     ("stages.1.global_batch=60", "global_batch 60 is not divisible by batch_size 16 × 2 ranks"),
     ("stages=[]", "stages is empty"),
-    ("stages=[{name: a, img_size: 32}, {name: a, img_size: 48}]", "stage names must be unique"),
-    ("stages.0.size=48", "Unknown config key 'stages.0.size'. Did you mean 'img_size'"),
+    ("stages=[{name: a, data: {img_size: 32}}, {name: a, data: {img_size: 48}}]", "stage names must be unique"),
+    ("stages.0.img_size=48", "Unknown config key 'stages.0.img_size'. Stages change config sections: "
+                             "write stages.0.data.img_size"),
+    ("stages.0.data.img_sz=48", "Unknown config key 'stages.0.data.img_sz'. Did you mean 'img_size'"),
+    ("stages.0.optim.lr=fast", "stages.0.optim.lr: expected a number"),
     ("stages.1.class_indices=/nonexistent/classes.txt", "class_indices file /nonexistent/classes.txt does not exist"),
 ])
 def test_bad_stage_lists_are_rejected_before_work_starts(override, message, tmp_path):
@@ -146,7 +149,7 @@ def test_launcher_rejects_a_bad_config_without_starting_processes(tmp_path):
                              f"run_dir={tmp_path}"], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2
-    assert "lacks img_size" in result.stderr and "deepspeed" not in result.stdout
+    assert "lacks data.img_size" in result.stderr and "deepspeed" not in result.stdout
 
 
 @pytest.mark.parametrize("config, world_size", [("finetune_internimage_h_22k_384_1k_640.yaml", 64),
@@ -155,17 +158,18 @@ def test_shipped_recipes_keep_their_global_batch_at_every_resolution(config, wor
     # The 22K → 1K index file is the user's to supply (SPEC §5); the recipe names where it goes.
     overrides = ["stages.1.class_indices=null"] if "22k_384_1k" in config else []
     cfg = load_finetune_config(os.path.join(REPO, "configs", config), overrides, world_size=world_size)
-    for index, stage in enumerate(cfg.stages):
+    for index in range(len(cfg.stages)):
         stage_cfg = stage_config(cfg, index, world_size)
-        assert stage_cfg.data.batch_size * stage_cfg.optim.grad_accum * world_size == stage.global_batch
+        assert stage_cfg.data.batch_size * stage_cfg.optim.grad_accum * world_size == cfg.stage(index).global_batch
         assert stage_cfg.optim.layer_decay == 0.9 and stage_cfg.ema.decay == 0.9999
         assert stage_cfg.data.label_smoothing == 0.3 and stage_cfg.deepspeed.zero_stage == 3
-    assert [s.img_size for s in cfg.stages] == sorted(s.img_size for s in cfg.stages)
+    sizes = [stage_config(cfg, i, world_size).data.img_size for i in range(len(cfg.stages))]
+    assert sizes == sorted(sizes)
 
 
 def test_a_stage_warmup_in_epochs_replaces_shared_warmup_steps(tmp_path):
     cfg = load_finetune_config(REPO_CONFIG, [f"run_dir={tmp_path}", "schedule.warmup_steps=5",
-                                             "stages.0.warmup_epochs=2"], world_size=2)
+                                             "stages.0.schedule.warmup_epochs=2"], world_size=2)
     assert stage_config(cfg, 0, 2).schedule.warmup_steps is None
     assert stage_config(cfg, 1, 2).schedule.warmup_steps == 5
 

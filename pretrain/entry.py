@@ -1,0 +1,57 @@
+"""What every per-rank entry point (pretraining, fine-tuning) does around its work: read the
+command line and the config (config errors exit 2 before any process group exists), join the
+process group, run, and leave together."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, TypeVar
+
+from .config import ConfigError, PretrainConfig
+from .distributed import init_distributed, leave_distributed, rank
+from .guards import NonFiniteError
+
+__all__ = ["parse_cli", "run_entry"]
+
+Config = TypeVar("Config", bound=PretrainConfig)
+
+
+def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG.yaml] [key=value ...]`` (a ``--local_rank`` from the launcher is ignored)."""
+    config, overrides = None, []
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        if arg.startswith("--local_rank"):
+            skip_next = arg == "--local_rank"
+            continue
+        if "=" in arg:
+            overrides.append(arg)
+        elif config is None:
+            config = arg
+        else:
+            raise ConfigError(f"Unexpected argument '{arg}': give one config file, then key=value "
+                              "overrides.")
+    return config, overrides
+
+
+def run_entry(argv: list[str] | None, load: Callable[[str | None, list[str]], Config],
+              work: Callable[[Config], int]) -> int:
+    """One rank's entry point: CLI → ``load`` (config errors exit 2 before any collective) → process
+    group → ``work`` → leave together. Exit codes: 0 done or preempted, 2 config, 3 non-finite."""
+    try:
+        config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
+        cfg = load(config_path, overrides)
+    except (ConfigError, ValueError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if not init_distributed(cfg.deepspeed.precision, cfg.deepspeed.collective_timeout_minutes * 60):
+        return 2
+    try:
+        code = work(cfg)
+    except NonFiniteError as exc:
+        print(f"rank {rank()}: {exc}", file=sys.stderr, flush=True)
+        return 3
+    leave_distributed()
+    return code

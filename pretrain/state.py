@@ -1,0 +1,102 @@
+"""The checkpointed state of a run, defined once.
+
+A checkpoint holds, besides DeepSpeed's own shards of weights and optimizer:
+
+- ``RunState`` (``trainer_state.json``, written by rank 0): the loop's ``Progress``, the world size
+  and schedule length it ran with, whether it kept an EMA, and the resolved config.
+- ``RankState`` (``rank_NNNNN.pt``, one per rank): that rank's data-loader position, its
+  ``RandomState`` and its EMA shard.
+
+Each part has ``state_dict()`` / ``load_state_dict()`` (or ``to_json``/``from_json``); where the
+files lie is ``checkpoint.py``'s business, and it is their only reader.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["Progress", "RandomState", "RankState", "RunState"]
+
+
+@dataclass
+class Progress:
+    """Where the loop is: what it needs to continue exactly."""
+    step: int = 0  # optimizer steps done
+    samples: int = 0  # images consumed over all ranks (finite micro-batches of applied steps)
+    skipped_steps: int = 0  # micro-batches (non-finite loss) and steps (non-finite gradient) dropped
+    nonfinite_streak: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, int(state[f.name]))
+
+
+class RandomState:
+    """Every random stream of a rank: torch (CPU and the current GPU), numpy, Python, and the
+    generator of the on-device augmentation (on the compute device)."""
+
+    def __init__(self, device_generator: torch.Generator):
+        self.device_generator = device_generator
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                 "python": random.getstate(), "device_generator": self.device_generator.get_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        self.device_generator.set_state(state["device_generator"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass
+class RunState:
+    """``trainer_state.json``: one per checkpoint."""
+    progress: Progress
+    world_size: int
+    total_steps: int
+    ema: bool  # the run kept an EMA (every rank file holds its shard)
+    config: dict = field(default_factory=dict)  # the resolved config, as saved in RUN_DIR/config.yaml
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.progress.state_dict(), "world_size": self.world_size,
+                "total_steps": self.total_steps, "ema": self.ema, "config": self.config}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunState":
+        progress = Progress()
+        progress.load_state_dict(data)
+        return cls(progress, int(data["world_size"]), int(data["total_steps"]), bool(data["ema"]),
+                   data.get("config", {}))
+
+
+@dataclass
+class RankState:
+    """``rank_NNNNN.pt``: one per rank and checkpoint."""
+    loader: dict
+    rng: dict
+    ema: Optional[dict] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader, "rng": self.rng, "ema": self.ema}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RankState":
+        return cls(data["loader"], data["rng"], data.get("ema"))

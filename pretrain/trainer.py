@@ -1,0 +1,331 @@
+"""One rank's training run: the ``Trainer``.
+
+Flow: resume point → module + DeepSpeed engine → loaders → loop of optimizer steps with schedule,
+EMA, metrics, periodic evaluation and checkpoints → final checkpoint and evaluation. SIGTERM or
+SIGUSR1 on any rank makes all ranks checkpoint and return. Pretraining (``train.py``) runs one;
+fine-tuning (``finetuning.py``) one per stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from internimage.ops import use_reference
+from internimage.data import (SKIP_REASONS, DeviceTransform, Tokenizer, build_eval_loader,
+                              build_train_loader)
+
+from .checkpoint import (checkpoint_root, ema_shards, load_checkpoint, prepare_universal,
+                         resolve_resume, save_checkpoint)
+from .config import ConfigError, PretrainConfig, save_config
+from .configio import to_dict
+from .distributed import (PREEMPTION, all_ranks, barrier, compute_device, mean_over_ranks,
+                          precision_dtype, rank, sum_over_ranks, synchronize, world_size)
+from .ema import ShardedEMA, assemble_full_ema, local_master_fp32
+from .engine import build_engine, build_module, scaled_lr
+from .guards import NonFiniteError, gradients_finite, tensors_finite
+from .metrics import (MetricsWriter, ProgressLine, device_memory_stats, device_peak_tflops,
+                      peak_memory_gib, reset_peak_memory, train_tflops_per_image)
+from .optim import cosine_lr, set_lr
+from .state import Progress, RandomState, RankState, RunState
+
+__all__ = ["Trainer"]
+
+
+def _new_window() -> dict:
+    """Counters of one logging window: start time, data wait and paused (eval/save) seconds, steps."""
+    return {"t0": time.perf_counter(), "wait": 0.0, "paused": 0.0, "steps": 0}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """One rank's training run of ``cfg``; ``run()`` returns the process exit code."""
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.rank, self.world = rank(), world_size()
+        self.is_main = self.rank == 0
+        self.device = compute_device()
+        self.dtype = precision_dtype(cfg.deepspeed.precision)
+        self.progress = Progress()
+        self.preemption = PREEMPTION.install()
+        self.root = checkpoint_root(cfg.run_dir)
+        if self.is_main:
+            os.makedirs(self.root, exist_ok=True)
+            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        barrier()
+
+        point = resolve_resume(cfg.checkpoint.resume, cfg.run_dir)
+        # Resumed from this run's own checkpoint: its step is already on disk here.
+        self.saved_step = point.state.step if point is not None and \
+            os.path.abspath(point.root) == os.path.abspath(self.root) else None
+        resharding = point is not None and (point.world_size != self.world or cfg.checkpoint.universal)
+        _seed_everything(cfg.seed)
+        tokenizer = Tokenizer(cfg.data.context_length, cfg.data.tokenizer) \
+            if cfg.objective.kind != "supervised" else None
+        module = build_module(cfg, tokenizer.vocab_size if tokenizer else None)
+        self.macs_per_image = self._model_report(module.image)
+        self.engine, self.optimizer, self.step_gate = build_engine(cfg, module, self.world,
+                                                                   load_universal=resharding)
+        # The weights are identical on every rank by now; from here on each rank draws its own
+        # stochastic depth and dropout masks (the same seed would drop the same branches for
+        # sample i of every rank's micro-batch).
+        torch.manual_seed(cfg.seed + 7919 * (self.rank + 1))
+        self.ema = ShardedEMA(self.engine.module, cfg.ema.decay) if cfg.ema.enabled else None
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.seed * 1000 + self.rank)
+        self.random_state = RandomState(self.generator)
+        loader_state = self._resume(point, resharding) if point is not None else None
+        # Pinned host batches let the copy to the GPU overlap compute (non_blocking below).
+        data_cfg = dataclasses.replace(cfg.data, pin_memory=cfg.data.pin_memory or self.device.type == "cuda")
+        self.loader = build_train_loader(data_cfg, self.rank, self.world, state=loader_state)
+        self.transform = DeviceTransform(cfg.data, cfg.model.num_classes)
+        self.eval_transform = DeviceTransform(cfg.data, cfg.model.num_classes, eval=True)
+        self.steps_per_epoch = max(1, self.loader.steps_per_epoch // cfg.optim.grad_accum)
+        self.total_steps = cfg.schedule.total_steps or max(1, math.ceil(cfg.schedule.epochs *
+                                                                        self.steps_per_epoch))
+        self.warmup_steps = cfg.schedule.warmup_steps if cfg.schedule.warmup_steps is not None \
+            else round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
+        self.peak_lr = scaled_lr(cfg, self.world)
+        self.metrics = MetricsWriter(cfg.run_dir, self.is_main, cfg.logging.tensorboard)
+        self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
+
+    # -- set-up helpers ----------------------------------------------------------------------
+    def _model_report(self, image_model) -> int | None:
+        """fvcore FLOP/parameter report (rank 0, saved as JSON); returns MACs per image."""
+        if not self.is_main:
+            return None
+        from internimage.model import model_report
+        report = model_report(image_model, self.cfg.data.img_size)
+        with open(os.path.join(self.cfg.run_dir, "model_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"model {self.cfg.model.name}: {report['params'] / 1e6:.2f}M parameters, "
+              f"{report['flops'] / 1e9:.3f} GMACs/image at {self.cfg.data.img_size}px", flush=True)
+        return int(report["flops"])
+
+    def _resume(self, point, resharding: bool) -> dict:
+        """Loads ``point`` into the engine, progress, RNG and EMA; returns the loader's state."""
+        universal_tag = prepare_universal(point) if resharding else None
+        rank_state = load_checkpoint(self.engine, point, universal_tag)
+        self.progress.load_state_dict(point.state.progress.state_dict())
+        if not resharding:  # another world size: other ranks, other streams
+            self.random_state.load_state_dict(rank_state.rng)
+        if self.ema is not None:
+            if rank_state.ema is None:
+                raise ConfigError(f"ema.enabled is true but checkpoint {point.tag_dir} holds no EMA; "
+                                  "set ema.enabled=false or start a new run_dir.")
+            if resharding:
+                full, updates = assemble_full_ema(ema_shards(point))
+                self.ema.load_resharded(full, updates)
+            else:
+                self.ema.load_state_dict(rank_state.ema)
+        if self.is_main:
+            print(f"resumed from {point.tag_dir} at step {self.progress.step}"
+                  + (f" (world size {point.world_size} → {self.world}, universal)" if resharding else ""),
+                  flush=True)
+        return rank_state.loader
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _device_batch(self, batch: dict) -> dict:
+        on_device = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return self.transform(on_device, generator=self.generator)
+
+    def _forward(self, batch: dict) -> dict:
+        with use_reference(self.cfg.model.dcn_reference):
+            return self.engine(image=batch["image"].to(self.dtype), target=batch["target"],
+                               label=batch["label"], text=batch["text"])
+
+    def _optimizer_step(self, batches) -> tuple[dict, float]:
+        """One optimizer step over ``grad_accum`` finite micro-batches whose gradients are finite;
+        returns (this rank's mean losses as device tensors, data wait s)."""
+        set_lr(self.optimizer, cosine_lr(self.progress.step, self.total_steps, self.warmup_steps,
+                                         self.peak_lr, self.cfg.optim.min_lr, self.cfg.optim.warmup_lr))
+        accum = self.cfg.optim.grad_accum
+        sums: dict[str, torch.Tensor] = {}
+        wait, done = 0.0, 0
+        while done < accum:
+            t0 = time.perf_counter()
+            host_batch = next(batches)
+            wait += time.perf_counter() - t0  # the host waiting for the loader, not device work
+            out = self._forward(self._device_batch(host_batch))
+            if not all_ranks(torch.isfinite(out["loss"].detach())):
+                self._count_nonfinite("loss", "losses", "micro-batch")
+                continue
+            self.engine.backward(out["loss"])
+            done += 1
+            boundary = done == accum
+            # fp16: DeepSpeed's loss scaler owns overflow (it skips the step and lowers the scale).
+            skip = boundary and self.dtype != torch.float16 and not gradients_finite(self.engine.module)
+            self.step_gate.closed = skip
+            self.engine.step()
+            self.step_gate.closed = False
+            if skip:  # the accumulated gradients are gone: the whole step starts again
+                self._count_nonfinite("gradient norm", "gradient norms", "step")
+                sums, done = {}, 0
+                continue
+            for key in ("loss", "supervised", "contrastive", "logit_scale"):
+                if key in out:
+                    sums[key] = sums.get(key, 0.0) + out[key].detach().float() / accum
+        self.progress.nonfinite_streak = 0
+        self.progress.step += 1
+        self.progress.samples += self.cfg.data.batch_size * accum * self.world
+        if self.ema is not None and self.engine.was_step_applied():
+            self.ema.update()
+        return sums, wait
+
+    def _count_nonfinite(self, what: str, plural: str, dropped: str) -> None:
+        self.progress.skipped_steps += 1
+        self.progress.nonfinite_streak += 1
+        if self.is_main:
+            print(f"non-finite {what} in step {self.progress.step + 1}: {dropped} skipped "
+                  f"({self.progress.nonfinite_streak} in a row)", flush=True)
+        if self.progress.nonfinite_streak >= self.cfg.schedule.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.progress.nonfinite_streak} consecutive non-finite {plural} in step "
+                f"{self.progress.step + 1}; lower optim.lr, raise warm-up, or check the data.")
+
+    def run(self) -> int:
+        cfg = self.cfg
+        progress_line = ProgressLine(self.total_steps, self.progress.step,
+                                     self.is_main and cfg.logging.progress_bar)
+        batches = iter(self.loader)
+        self.engine.train()
+        window = _new_window()
+        while self.progress.step < self.total_steps:
+            if self.preemption.agreed():
+                if self.saved_step != self.progress.step:  # never rewrite the checkpoint `latest` names
+                    self.save()
+                if self.is_main:
+                    print(f"preempted: checkpoint saved at step {self.progress.step}, exiting", flush=True)
+                self.metrics.close()
+                return 0
+            losses, wait = self._optimizer_step(batches)
+            window["wait"] += wait
+            window["steps"] += 1
+            step = self.progress.step
+            if step % cfg.logging.every_steps == 0 or step == self.total_steps:
+                self._log(losses, window, progress_line)
+                window = _new_window()
+            t0 = time.perf_counter()
+            if self._periodic_eval_and_save(step):
+                synchronize()
+                window["paused"] += time.perf_counter() - t0  # not training throughput
+        progress_line.close()
+        if self.saved_step != self.progress.step:
+            self.save()
+        if cfg.eval.at_end:
+            self.evaluate()
+        self.metrics.close()
+        return 0
+
+    def _periodic_eval_and_save(self, step: int) -> bool:
+        """The evaluation and checkpoint due after ``step``; True when either ran."""
+        cfg = self.cfg
+        evaluate = bool(cfg.eval.every_steps) and step % cfg.eval.every_steps == 0 and step < self.total_steps
+        save = bool(cfg.checkpoint.every_steps) and step % cfg.checkpoint.every_steps == 0
+        if evaluate:
+            self.evaluate()
+        if save:
+            self.save()
+        return evaluate or save
+
+    # -- observability -----------------------------------------------------------------------
+    def _log(self, losses: dict, window: dict, progress_line: ProgressLine) -> None:
+        synchronize()  # the window's kernels are done before its clock is read
+        elapsed = time.perf_counter() - window["t0"] - window["paused"]
+        images = window["steps"] * self.cfg.data.batch_size * self.cfg.optim.grad_accum * self.world
+        skips = sum_over_ranks([self.loader.skip_counts().get(r, 0) for r in SKIP_REASONS])
+        losses = mean_over_ranks({k: float(v) for k, v in losses.items()})
+        grad_norm = self.engine.get_global_grad_norm()
+        per_device = images / elapsed / self.world if elapsed > 0 else 0.0
+        scalars = {
+            **{f"loss/{k}" if k != "logit_scale" else k: v for k, v in losses.items()},
+            "lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1.0),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "images_per_s": images / elapsed if elapsed > 0 else 0.0,
+            "images_per_s_per_device": per_device,
+            "data_wait_fraction": window["wait"] / elapsed if elapsed > 0 else 0.0,
+            "peak_memory_gib": peak_memory_gib(),
+            **{f"memory/{k}": v for k, v in device_memory_stats().items()},
+            "samples_seen": self.progress.samples,
+            "skipped_steps": self.progress.skipped_steps,
+            **{f"skipped_samples/{r}": int(v) for r, v in zip(SKIP_REASONS, skips)},
+        }
+        if self.macs_per_image:
+            tflops = per_device * train_tflops_per_image(self.macs_per_image)
+            scalars["tflops_per_device"] = tflops
+            if self.peak_tflops:
+                scalars["mfu"] = tflops / self.peak_tflops
+        self.metrics.write(self.progress.step, scalars)
+        reset_peak_memory()
+        progress_line.update(self.progress.step, {
+            "loss": losses.get("loss"), "lr": scalars["lr"], "img/s": scalars["images_per_s"],
+            "mfu": scalars.get("mfu")})
+
+    # -- evaluation and checkpoints ------------------------------------------------------------
+    @torch.no_grad()
+    def _accuracy(self) -> dict[str, float]:
+        self.engine.eval()
+        counts = torch.zeros(3, device=self.device)  # correct top-1, correct top-5, valid samples
+        for i, batch in enumerate(build_eval_loader(self.cfg.data, self.rank, self.world)):
+            if self.cfg.eval.max_batches is not None and i >= self.cfg.eval.max_batches:
+                break
+            batch = self.eval_transform({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+            with use_reference(self.cfg.model.dcn_reference):
+                logits = self.engine(image=batch["image"].to(self.dtype), evaluate=True)["logits"]
+            valid = batch["valid"] & (batch["label"] >= 0)
+            top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top == batch["label"][:, None]
+            counts += torch.stack([(hit[:, 0] & valid).sum(), (hit.any(1) & valid).sum(), valid.sum()])
+        top1, top5, samples = sum_over_ranks(counts.tolist())
+        self.engine.train()
+        total = max(1.0, samples)
+        return {"top1": top1 / total, "top5": top5 / total, "samples": int(samples)}
+
+    def evaluate(self) -> dict:
+        """Top-1/top-5 on the validation shards (and of the EMA weights); rank 0 logs them."""
+        if self.cfg.objective.kind == "contrastive" or not self.cfg.data.val_shards:
+            return {}
+        result = self._accuracy()
+        if self.ema is not None and self.cfg.ema.evaluate:
+            with self.ema.swapped_in():
+                result.update({f"ema_{k}": v for k, v in self._accuracy().items()})
+        self.metrics.write(self.progress.step, result, kind="eval")
+        if self.is_main:
+            shown = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                             for k, v in result.items())
+            print(f"eval step {self.progress.step}: {shown}", flush=True)
+        return result
+
+    def _weights_finite(self) -> bool:
+        """Every rank's fp32 master weights and EMA shard hold no NaN/inf (collective)."""
+        tensors = [local_master_fp32(p) for p in self.engine.module.parameters() if p.requires_grad]
+        if self.ema is not None:
+            tensors += list(self.ema.shadow.values())
+        return all_ranks(tensors_finite(tensors))
+
+    def save(self) -> None:
+        """A checkpoint of the current step; refuses (NonFiniteError) to write non-finite weights,
+        so ``latest`` keeps naming the last good one."""
+        if not self._weights_finite():
+            raise NonFiniteError(f"weights or EMA hold NaN/inf at step {self.progress.step}: not "
+                                 "saved; the run's latest checkpoint is the last finite one.")
+        run_state = RunState(Progress(**self.progress.state_dict()), self.world, self.total_steps,
+                             self.ema is not None, to_dict(self.cfg))
+        rank_state = RankState(self.loader.state_dict(), self.random_state.state_dict(),
+                               self.ema.state_dict() if self.ema is not None else None)
+        save_checkpoint(self.engine, self.root, run_state, rank_state, self.cfg.checkpoint.keep_last)
+        self.saved_step = self.progress.step
+
+
