@@ -11,15 +11,16 @@ import sys
 import torch
 import deepspeed.runtime.zero.stage3 as zero_stage3
 
-from internimage.pretrain import train
 from internimage.pretrain.config import load_config
+from internimage.pretrain.entry import run_entry
+from internimage.pretrain.trainer import Trainer
 
 INF_AT_STEP = int(os.environ["INF_AT_STEP"])
 if hasattr(zero_stage3, "is_invalid_grad_norm"):
     zero_stage3.is_invalid_grad_norm = lambda norm: False
 
 
-class InfGradientTrainer(train.Trainer):
+class InfGradientTrainer(Trainer):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.poisoned = False
@@ -35,4 +36,4 @@ class InfGradientTrainer(train.Trainer):
 
 
 if __name__ == "__main__":
-    sys.exit(train.run_entry(None, load_config, lambda cfg: InfGradientTrainer(cfg).run()))
+    sys.exit(run_entry(None, load_config, lambda cfg: InfGradientTrainer(cfg).run()))

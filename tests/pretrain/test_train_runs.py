@@ -57,8 +57,8 @@ def _state(run_dir, tag=None):
 
 def _weights(run_dir, ema=False):
     from internimage.pretrain.checkpoint import resolve_resume
-    from internimage.pretrain.export import consolidated_state
-    return consolidated_state(resolve_resume(run_dir, run_dir), ema=ema)
+    from internimage.pretrain.checkpoint import consolidated_weights
+    return consolidated_weights(resolve_resume(run_dir, run_dir), ema=ema)
 
 
 def _assert_same_weights(a, b):
@@ -143,9 +143,10 @@ def test_kill_during_checkpoint_save_keeps_latest_on_the_previous_checkpoint(dem
     # What latest names is complete: it consolidates, and equals the uninterrupted run's step 2.
     assert _state(run_dir)["step"] == 2
     from internimage.pretrain.checkpoint import ResumePoint
-    from internimage.pretrain.export import consolidated_state
-    ours = consolidated_state(ResumePoint(os.path.join(run_dir, "checkpoints"), "step_00000002",
-                                          _state(run_dir)))
+    from internimage.pretrain.checkpoint import consolidated_weights
+    from internimage.pretrain.state import RunState
+    ours = consolidated_weights(ResumePoint(os.path.join(run_dir, "checkpoints"), "step_00000002",
+                                            RunState.from_json(_state(run_dir))))
     assert all(torch.isfinite(v.float()).all() for v in ours.values())
 
 
