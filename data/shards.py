@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import glob
 import json
-import lzma
 import os
 import re
-import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from .faults import OPEN_FAILED, TRUNCATED_TAR, SkipCounter
 from .opener import is_local, open_shard
-from .tar_stream import TarFormatError, TarPosition, iter_tar_files
+from .tar_stream import TarPosition, iter_tar_files
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CLASS_EXTENSIONS = ("cls",)
 CAPTION_EXTENSIONS = ("txt", "json")  # a key ending in "json": the JSON's "caption" field
-TEXT_EXTENSIONS = ("txt", "cls", "json")
 INDEX_SUFFIX = "-index.json"
 DEFAULT_MAX_IMAGE_BYTES = 32 << 20
 DEFAULT_MAX_TEXT_BYTES = 64 << 10
@@ -146,22 +143,9 @@ def iter_samples(url: str, counter: SkipCounter, policy: MemberPolicy = DEFAULT_
     except Exception as error:  # noqa: BLE001 - OSError, gopen's ValueError, a missing CLI, ...
         counter.skip(OPEN_FAILED, url, error)
         return
-    first_index, first_offset = start
-    position = TarPosition()
-    index = 0
-    if first_offset > 0 and stream.seekable():
-        stream.seek(first_offset)
-        position.end, index = first_offset, first_index
-    caps = policy.caps()
-    over_cap: list[str | None] = [None]  # the last member refused for its size
-
-    def keep(name: str, size: int) -> bool:
-        cap = caps.get(split_member_name(name)[1])
-        if cap is not None and size > cap:
-            over_cap[0] = name
-            return False
-        return cap is not None
-
+    first_index = start[0]
+    position, index = _seek_to(stream, start)
+    keep, over_cap = _member_filter(policy)
     yielded = 0
     closed = False
     try:
@@ -188,7 +172,7 @@ def iter_samples(url: str, counter: SkipCounter, policy: MemberPolicy = DEFAULT_
             if current is not None and current.index >= first_index:
                 current.end_offset = position.end if position.seekable else 0
                 yield current
-        except (TarFormatError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
+        except Exception as error:  # noqa: BLE001 - damage in a hostile stream ends this shard only
             closed = True
             failure = stream.close(abandoned=isinstance(error, TimeoutError))
             # A tar whose first member is already damaged is truncated too; a stream with no
@@ -202,6 +186,31 @@ def iter_samples(url: str, counter: SkipCounter, policy: MemberPolicy = DEFAULT_
     finally:
         if not closed:  # the consumer stopped early: what is left of the stream is not needed
             stream.close(abandoned=True)
+
+
+def _seek_to(stream, start: tuple[int, int]) -> tuple[TarPosition, int]:
+    """Enter a seekable shard at sample ``start[0]`` (byte offset ``start[1]``, when known);
+    returns the tar position and the index of the first sample the reader will see."""
+    index, offset = start
+    if offset > 0 and stream.seekable():
+        stream.seek(offset)
+        return TarPosition(end=offset), index
+    return TarPosition(), 0
+
+
+def _member_filter(policy: MemberPolicy):
+    """``keep(name, size)`` for the tar reader, and a one-element list holding the name of the
+    last member it refused for its size (so the sample can be marked ``oversized``)."""
+    caps = policy.caps()
+    over_cap: list[str | None] = [None]
+
+    def keep(name: str, size: int) -> bool:
+        cap = caps.get(split_member_name(name)[1])
+        if cap is not None and size > cap:
+            over_cap[0] = name
+            return False
+        return cap is not None
+    return keep, over_cap
 
 
 def index_path(url: str) -> str:

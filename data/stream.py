@@ -22,7 +22,7 @@ from .decode import DecodeError, decode_caption, decode_class, guarded, image_by
 from .faults import (BAD_LABEL, CORRUPT_IMAGE, MISSING_KEY, OVERSIZED, FailureRate,
                      SkipCounter)
 from .shards import MemberPolicy, RawSample
-from .sources import SourceReader, worker_assignment
+from .sources import SourceReader, SourceShards, worker_assignment
 from .tokenizer import Tokenizer
 from .transforms import train_transform
 
