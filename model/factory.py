@@ -25,7 +25,7 @@ def create_model(name: str, num_classes: int = 1000, pretrained: str | Path | No
     Args:
         name: one of ``list_models()``.
         pretrained: a ``.pth`` in the official format (see ``load_pretrained``).
-        drop_path_rate: None takes the variant recipe's rate (SPEC §1).
+        drop_path_rate: None takes the variant recipe's rate (docs/model.md §1).
         with_cp: activation checkpointing on every block.
         class_indices: with ``pretrained``, rows of the checkpoint's head to keep (e.g. 1000 indices
             that map a 21841-class head to ImageNet-1K).

@@ -1,4 +1,4 @@
-"""Classification heads: the conv head of T…XL and the clip-projector head of H and G (SPEC §2)."""
+"""Classification heads: the conv head of T…XL and the clip-projector head of H and G (docs/model.md §2)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""InternImage (SPEC §2): stem, block, stage, the network, then its seven variants and ``create_model``.
+"""InternImage (docs/model.md §2): stem, block, stage, the network, then its seven variants and ``create_model``.
 
 Tensors between blocks are channels-last (N, H, W, C); the image input and every tensor handed out
 (``features_only`` maps, ``forward_features``) are channels-first (N, C, H, W).
@@ -21,7 +21,7 @@ from .layers import DropPath, Mlp, drop_path_rates, init_weights, layer_norm
 
 @dataclass(frozen=True)
 class InternImageArch:
-    """Everything that distinguishes one InternImage variant from another (SPEC §1)."""
+    """Everything that distinguishes one InternImage variant from another (docs/model.md §1)."""
 
     channels: int = 64
     depths: tuple[int, ...] = (4, 4, 18, 4)
@@ -71,7 +71,7 @@ class InternImageArch:
 
 
 class InternImageBlock(nn.Module):
-    """DCNv3 then MLP, each residual, in the pre-norm, post-norm or res-post-norm form of SPEC §2."""
+    """DCNv3 then MLP, each residual, in the pre-norm, post-norm or res-post-norm form of docs/model.md §2."""
 
     def __init__(self, channels: int, groups: int, arch: InternImageArch, drop_path: float):
         super().__init__()
@@ -272,7 +272,7 @@ class InternImage(nn.Module):
         return ("conv_head", "head", "dcnv3_head_x3", "dcnv3_head_x4", "clip_projector", "fc_norm")
 
 
-# -- variants (SPEC §1) -----------------------------------------------------------------------
+# -- variants (docs/model.md §1) -----------------------------------------------------------------------
 _POST_NORM_LAYER_SCALE = dict(layer_scale=1e-5, post_norm=True)
 _H_G_FEATURES = dict(dw_kernel_size=5, center_feature_scale=True, head="clip")
 

@@ -1,4 +1,4 @@
-"""Per-parameter learning-rate scales for layer-wise LR decay and the DCN multiplier (SPEC §2)."""
+"""Per-parameter learning-rate scales for layer-wise LR decay and the DCN multiplier (docs/model.md §2)."""
 from __future__ import annotations
 
 import re

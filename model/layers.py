@@ -66,7 +66,7 @@ class Mlp(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """SPEC §2 init: Linear trunc-normal(0.02) with zero bias, LayerNorm weight 1 and bias 0."""
+    """docs/model.md §2 init: Linear trunc-normal(0.02) with zero bias, LayerNorm weight 1 and bias 0."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:

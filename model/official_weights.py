@@ -1,4 +1,4 @@
-"""Loading official InternImage checkpoints (SPEC §5).
+"""Loading official InternImage checkpoints (docs/model.md §5).
 
 Our module names are the official key names, so loading needs no renaming: only unwrapping
 (``model`` / ``module`` / ``state_dict``, ``student.`` and DDP's ``module.`` prefixes), strict

@@ -1,4 +1,4 @@
-"""Parameter and FLOP report through fvcore, with a handle for the DCNv3 core (SPEC §1 convention).
+"""Parameter and FLOP report through fvcore, with a handle for the DCNv3 core (docs/model.md §1 convention).
 
 FLOPs here are multiply-adds, as fvcore and the published InternImage numbers count them. fvcore
 traces a real forward pass (the meta device does not survive ``torch.jit.trace``), so variants are
@@ -26,7 +26,7 @@ DCNV3_MACS_PER_POINT = 5  # 4 bilinear corners + the mask weight, per output cha
 # Function (DeepSpeed's memory-efficient linear); count it as the linear it is.
 ZERO3_LINEAR_OP = "prim::PythonOp.LinearFunctionForZeroStage3"
 
-# SPEC §1: resolution, published multiply-adds (rounded), multiply-adds counted layer by layer, params.
+# docs/model.md §1: resolution, published multiply-adds (rounded), multiply-adds counted layer by layer, params.
 PUBLISHED = {
     "internimage_t": (224, 5e9, 4.9e9, 29_918_424), "internimage_s": (224, 8e9, 8.3e9, 50_079_880),
     "internimage_b": (224, 16e9, 16.2e9, 97_461_832), "internimage_l": (384, 108e9, 107.8e9, 223_334_810),

@@ -68,7 +68,7 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with SPEC §2 layer-wise LR decay and DCN multiplier; lr is per ``base_batch_size``."""
+    """AdamW with docs/model.md §2 layer-wise LR decay and DCN multiplier; lr is per ``base_batch_size``."""
     lr: float = 1e-3
     base_batch_size: Optional[int] = 512  # lr scales linearly with global batch / this; None: as is
     min_lr: float = 1e-6

@@ -11,7 +11,7 @@ from pathlib import Path
 # so they never skip for want of it).
 REFERENCE_DIR = Path(os.environ.get("INTERNIMAGE_REFERENCE_DIR", Path(__file__).resolve().parent / "official_keys"))
 
-PARAMETERS = {  # SPEC §1, exact, 1000 classes
+PARAMETERS = {  # docs/model.md §1, exact, 1000 classes
     "internimage_t": 29_918_424, "internimage_s": 50_079_880, "internimage_b": 97_461_832,
     "internimage_l": 223_334_810, "internimage_xl": 334_819_780, "internimage_h": 1_089_636_760,
     "internimage_g": 3_076_373_352,

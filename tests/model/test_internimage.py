@@ -1,4 +1,4 @@
-"""The seven variants match SPEC §1–2: parameters, official keys and shapes, forward contract."""
+"""The seven variants match docs/model.md §1–2: parameters, official keys and shapes, forward contract."""
 import pytest
 import torch
 

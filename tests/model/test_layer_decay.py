@@ -1,4 +1,4 @@
-"""Layer ids for layer-wise LR decay and the DCN LR multiplier, as SPEC §2 defines them."""
+"""Layer ids for layer-wise LR decay and the DCN LR multiplier, as docs/model.md §2 defines them."""
 import pytest
 import torch
 

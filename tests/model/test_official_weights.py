@@ -1,4 +1,4 @@
-"""Official checkpoints load (SPEC §5): wrappers, prefixes, strict backbone keys, head policies."""
+"""Official checkpoints load (docs/model.md §5): wrappers, prefixes, strict backbone keys, head policies."""
 import logging
 
 import pytest

@@ -1,4 +1,4 @@
-"""The fvcore report: exact parameters, DCNv3 counted by SPEC §1's convention, totals near the published."""
+"""The fvcore report: exact parameters, DCNv3 counted by docs/model.md §1's convention, totals near the published."""
 import json
 
 import pytest

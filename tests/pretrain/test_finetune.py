@@ -155,7 +155,7 @@ def test_launcher_rejects_a_bad_config_without_starting_processes(tmp_path):
 @pytest.mark.parametrize("config, world_size", [("finetune_internimage_h_22k_384_1k_640.yaml", 64),
                                                 ("finetune_internimage_t_1k_224_384.yaml", 8)])
 def test_shipped_recipes_keep_their_global_batch_at_every_resolution(config, world_size):
-    # The 22K → 1K index file is the user's to supply (SPEC §5); the recipe names where it goes.
+    # The 22K → 1K index file is the user's to supply (docs/model.md §5); the recipe names where it goes.
     overrides = ["stages.1.class_indices=null"] if "22k_384_1k" in config else []
     cfg = load_finetune_config(os.path.join(REPO, "configs", config), overrides, world_size=world_size)
     for index in range(len(cfg.stages)):
