@@ -62,16 +62,16 @@ class DCNv3(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, H, W, C) → (N, H_out, W_out, C)."""
-        n, h, w, _ = x.shape
         projected = self.input_proj(x)
         branch = self.dw_conv(x.permute(0, 3, 1, 2))  # (N, H, W, C): offsets come from the raw input
         offset = self.offset(branch)
-        mask = self.mask(branch).reshape(n, h, w, self.groups, self.points).softmax(-1)
-        mask = mask.reshape(n, h, w, self.groups * self.points)
-        out = dcnv3_core(projected, offset, mask, kernel_size=(self.kernel_size, self.kernel_size),
+        # Mask logits (N, H, W, G·P): the op softmaxes each group's points itself, in registers (no
+        # normalised mask tensor written and read back, one launch less), same result.
+        mask_logits = self.mask(branch)
+        out = dcnv3_core(projected, offset, mask_logits, kernel_size=(self.kernel_size, self.kernel_size),
                          stride=(self.stride, self.stride), pad=(self.pad, self.pad),
                          dilation=(self.dilation, self.dilation), groups=self.groups,
-                         offset_scale=self.offset_scale, remove_center=self.remove_center)
+                         offset_scale=self.offset_scale, remove_center=self.remove_center, softmax_mask=True)
         if self.center_feature_scale:
             gate = torch.sigmoid(F.linear(branch, self.center_feature_scale_proj_weight,
                                           self.center_feature_scale_proj_bias))

@@ -132,7 +132,7 @@ def bench_shape(shape: BenchShape, dtype, device, repeats, with_reference, dcnv4
     row = Row(shape)
     row.bytes_fwd = (value.numel() + offset.numel() + mask.numel() + grad.numel()) * element
     row.bytes_bwd = row.bytes_fwd + (value.numel() + offset.numel() + mask.numel()) * element
-    params = (*PARAMS, shape.groups, 1.0, False)
+    params = (*PARAMS, shape.groups, 1.0, False, False)  # offset_scale, remove_center, softmax_mask
 
     backward_op = torch.ops.internimage.dcnv3_core_backward
     row.ms["ours_fwd"] = median_ms(lambda: dcnv3_core(value, offset, mask, groups=shape.groups), device, repeats)
@@ -192,21 +192,24 @@ def pick_candidates(spec: str) -> dict[str, tuple[str, ...]]:
 def time_candidates(kernels, shapes: list[BenchShape], dtypes: list[torch.dtype], device: str, repeats: int,
                     chosen: dict[str, tuple[str, ...]], bandwidth_gbs: float, dcnv4=None, warmup: int = 2) -> list[dict]:
     """Per shape and dtype: each candidate's forward and backward median (ms) through the extension
-    module ``kernels`` (the CUDA one, or the emulated one on the CPU), the largest difference of
-    its result from the first candidate's, the floor, and the fastest per direction with its ratio
-    to the floor."""
+    module ``kernels`` (the CUDA one, or the emulated one on the CPU), called as the model calls it
+    (mask logits, softmax inside the op), the largest difference of its result from the first
+    candidate's, the floor, and the fastest per direction with its ratio to the floor. DCNv4, when
+    given, gets the softmaxed mask its own way."""
     results = []
     for shape in shapes:
         for dtype in dtypes:
             value, offset, mask = make_inputs(shape, dtype, device)
             grad = torch.randn(shape.batch, shape.side, shape.side, shape.channels, device=device, dtype=dtype)
-            params = (*PARAMS, shape.groups, 1.0, False)
+            # As the model calls it: mask logits, softmaxed inside the op.
+            logits = torch.randn(shape.batch, shape.side, shape.side, shape.groups * 9, device=device, dtype=dtype)
+            params = (*PARAMS, shape.groups, 1.0, False, True)  # offset_scale, remove_center, softmax_mask
             element = value.element_size()
             bytes_fwd = (value.numel() + offset.numel() + mask.numel() + grad.numel()) * element
             bytes_bwd = bytes_fwd + (value.numel() + offset.numel() + mask.numel()) * element
             floor = {"forward": bytes_fwd / bandwidth_gbs / 1e6, "backward": bytes_bwd / bandwidth_gbs / 1e6}
-            calls = {"forward": lambda name: kernels.forward(value, offset, mask, *params, name),
-                     "backward": lambda name: kernels.backward(grad, value, offset, mask, *params, name)}
+            calls = {"forward": lambda name: kernels.forward(value, offset, logits, *params, name),
+                     "backward": lambda name: kernels.backward(grad, value, offset, logits, *params, name)}
             entry = {**asdict(shape), "dtype": str(dtype).removeprefix("torch."), "floor_ms": floor,
                      "class": candidates.shape_class(shape.side, shape.side), "ms": {}, "max_abs_diff": {},
                      "fastest": {}, "notes": []}

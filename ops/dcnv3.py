@@ -19,18 +19,20 @@ BACKWARD_OP_NAME = "internimage::dcnv3_core_backward"
 
 
 def _reference_from_flat(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                         dilation_h, dilation_w, groups, offset_scale, remove_center):
+                         dilation_h, dilation_w, groups, offset_scale, remove_center, softmax_mask):
     return dcnv3_core_reference(value, offset, mask, (kernel_h, kernel_w), (stride_h, stride_w),
                                 (pad_h, pad_w), (dilation_h, dilation_w), groups=groups,
-                                offset_scale=offset_scale, remove_center=remove_center)
+                                offset_scale=offset_scale, remove_center=remove_center,
+                                softmax_mask=softmax_mask)
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def _dcnv3_core_op(value: Tensor, offset: Tensor, mask: Tensor, kernel_h: int, kernel_w: int,
                    stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int,
-                   dilation_w: int, groups: int, offset_scale: float, remove_center: bool) -> Tensor:
+                   dilation_w: int, groups: int, offset_scale: float, remove_center: bool,
+                   softmax_mask: bool) -> Tensor:
     params = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups,
-              offset_scale, remove_center)
+              offset_scale, remove_center, softmax_mask)
     kernels = extension.kernels_for(value.device)
     if kernels is None:
         return _reference_from_flat(value, offset, mask, *params)
@@ -47,7 +49,7 @@ def _candidate(direction: str, value: Tensor, offset: Tensor) -> tuple[str, ...]
 
 @_dcnv3_core_op.register_fake
 def _(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-      dilation_w, groups, offset_scale, remove_center):
+      dilation_w, groups, offset_scale, remove_center, softmax_mask):
     return value.new_empty((value.shape[0], offset.shape[1], offset.shape[2], value.shape[3]))
 
 
@@ -55,14 +57,16 @@ def _(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
 def _dcnv3_core_backward_op(grad_output: Tensor, value: Tensor, offset: Tensor, mask: Tensor,
                             kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int,
                             pad_w: int, dilation_h: int, dilation_w: int, groups: int,
-                            offset_scale: float, remove_center: bool) -> tuple[Tensor, Tensor, Tensor]:
+                            offset_scale: float, remove_center: bool,
+                            softmax_mask: bool) -> tuple[Tensor, Tensor, Tensor]:
     kernels = extension.kernels_for(value.device)
     if kernels is None:
         raise RuntimeError(f"{BACKWARD_OP_NAME}: no compiled kernel for {value.device}; the autograd "
                            f"formula should have taken the reference path")
     grad_value, grad_offset, grad_mask = kernels.backward(
         grad_output, value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-        dilation_h, dilation_w, groups, offset_scale, remove_center, *_candidate("backward", value, offset))
+        dilation_h, dilation_w, groups, offset_scale, remove_center, softmax_mask,
+        *_candidate("backward", value, offset))
     return grad_value, grad_offset, grad_mask
 
 
@@ -112,13 +116,15 @@ def _autocast(value: Tensor, offset: Tensor, mask: Tensor) -> tuple[Tensor, Tens
 
 def dcnv3_core(value: Tensor, offset: Tensor, mask: Tensor, kernel_size=(3, 3), stride=(1, 1),
                pad=(1, 1), dilation=(1, 1), *, groups: int, offset_scale: float = 1.0,
-               remove_center: bool = False) -> Tensor:
+               remove_center: bool = False, softmax_mask: bool = False) -> Tensor:
     """DCNv3 core (SPEC §4) through the registered op; same contract as ``dcnv3_core_reference``.
 
     Shapes: value (N, H_in, W_in, G·D), offset (N, H_out, W_out, G·P·2) holding (dx, dy) in input
     pixels per group and point, mask (N, H_out, W_out, G·P) → (N, H_out, W_out, G·D), in the
     inputs' dtype (the autocast dtype under autocast). Runs the fused kernel of the inputs' device
     (fp32 accumulation), else the reference. Non-contiguous inputs are made contiguous.
+    ``softmax_mask``: ``mask`` holds logits, softmaxed over each group's points inside the op (in
+    registers, in fp32: no normalised mask is written or read; the backward includes the softmax's).
     """
     kernel_size, stride = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
     pad, dilation = _pair(pad, "pad"), _pair(dilation, "dilation")
@@ -127,4 +133,5 @@ def dcnv3_core(value: Tensor, offset: Tensor, mask: Tensor, kernel_size=(3, 3), 
     if not value.dtype.is_floating_point:
         raise TypeError(f"dcnv3_core: inputs must be floating point, got {value.dtype}")
     return _dcnv3_core_op(value.contiguous(), offset.contiguous(), mask.contiguous(), *kernel_size,
-                          *stride, *pad, *dilation, int(groups), float(offset_scale), bool(remove_center))
+                          *stride, *pad, *dilation, int(groups), float(offset_scale), bool(remove_center),
+                          bool(softmax_mask))

@@ -79,14 +79,16 @@ def check_inputs(value: Tensor, offset: Tensor, mask: Tensor, kernel_size, strid
 
 def dcnv3_core_reference(value: Tensor, offset: Tensor, mask: Tensor, kernel_size=(3, 3), stride=(1, 1),
                          pad=(1, 1), dilation=(1, 1), *, groups: int, offset_scale: float = 1.0,
-                         remove_center: bool = False) -> Tensor:
+                         remove_center: bool = False, softmax_mask: bool = False) -> Tensor:
     """Deformable sampling of ``value`` at kernel points moved by ``offset``, weighted by ``mask``.
 
     Args:
         value: (N, H_in, W_in, G·D) features to sample.
         offset: (N, H_out, W_out, G·P·2) per group and point the pair (dx, dy), x (width) first, in
             pixels before ``offset_scale``.
-        mask: (N, H_out, W_out, G·P) point weights (already normalised by the caller).
+        mask: (N, H_out, W_out, G·P) point weights (already normalised by the caller), or with
+            ``softmax_mask`` their logits: the weights are then the softmax over each group's P
+            points (what DCNv3 always does to its mask), computed here in at least fp32.
     Returns:
         (N, H_out, W_out, G·D), the dtype of ``value`` (computed in at least fp32).
     """
@@ -103,6 +105,8 @@ def dcnv3_core_reference(value: Tensor, offset: Tensor, mask: Tensor, kernel_siz
     out_dtype = value.dtype
     compute_dtype = torch.promote_types(value.dtype, torch.float32)
     value, offset, mask = (t.to(compute_dtype) for t in (value, offset, mask))
+    if softmax_mask:
+        mask = mask.reshape(n, h_out, w_out, groups, num_points).softmax(-1).reshape(mask.shape)
 
     points = sampling_points(kernel_size, remove_center)
     grid_x = torch.tensor([i * dw - centre_w for i, _ in points], dtype=value.dtype, device=value.device)

@@ -83,11 +83,12 @@ void forward_kernel(const Shape& s, const scalar_t* value, const scalar_t* offse
         std::fill(acc.begin(), acc.end(), acc_t(0));
         const scalar_t* off = offset + (pixel * s.groups + g) * points * 2;
         const scalar_t* weight = mask + (pixel * s.groups + g) * points;
+        const auto weights = point_weights<acc_t>(s, [&](int q) { return static_cast<acc_t>(weight[q]); });
         const scalar_t* image = value + n * plane_in * channels + g * depth;
         for (int p = 0; p < points; ++p) {
           const auto f = grid.at(s, base_x, base_y, p, static_cast<acc_t>(off[2 * p]),
                                  static_cast<acc_t>(off[2 * p + 1]));
-          const acc_t m = static_cast<acc_t>(weight[p]);
+          const acc_t m = weights(static_cast<acc_t>(weight[p]));
           if (!f.contributes) {
             const acc_t nothing_or_nan = outside_sample(f, m);
             if (nothing_or_nan != nothing_or_nan) std::fill(acc.begin(), acc.end(), nothing_or_nan);
@@ -106,6 +107,22 @@ void forward_kernel(const Shape& s, const scalar_t* value, const scalar_t* offse
   });
 }
 
+// grad_mask of one (pixel, group) from the gradients of its point weights: those themselves, or
+// through the softmax when the mask holds logits.
+template <typename scalar_t, typename acc_t>
+void write_mask_gradients(const Shape& s, const PointWeights<acc_t>& weights, const scalar_t* mask_row,
+                          const acc_t* grad_weight, scalar_t* grad_mask_row) {
+  if (!s.softmax_mask) {
+    for (int p = 0; p < s.points; ++p) grad_mask_row[p] = static_cast<scalar_t>(grad_weight[p]);
+    return;
+  }
+  acc_t weighted_sum = 0;
+  for (int p = 0; p < s.points; ++p) weighted_sum += weights(static_cast<acc_t>(mask_row[p])) * grad_weight[p];
+  for (int p = 0; p < s.points; ++p)
+    grad_mask_row[p] = static_cast<scalar_t>(
+        softmax_gradient(weights(static_cast<acc_t>(mask_row[p])), grad_weight[p], weighted_sum));
+}
+
 template <typename scalar_t, int kDepth>
 void backward_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* value,
                      const scalar_t* offset, const scalar_t* mask, scalar_t* grad_value,
@@ -118,6 +135,7 @@ void backward_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* v
   at::parallel_for(0, s.batch * s.groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> slice(plane_in * depth);  // this task's grad_value slice, D-contiguous
     std::vector<acc_t> upstream(depth);
+    std::vector<acc_t> grad_weight(points);  // of each point's weight (the mask, or its softmax)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / s.groups, g = task % s.groups;
       std::fill(slice.begin(), slice.end(), acc_t(0));
@@ -133,13 +151,14 @@ void backward_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* v
         const scalar_t* weight = mask + row * points;
         scalar_t* g_off = grad_offset + row * points * 2;
         scalar_t* g_mask = grad_mask + row * points;
+        const auto weights = point_weights<acc_t>(s, [&](int q) { return static_cast<acc_t>(weight[q]); });
         for (int p = 0; p < points; ++p) {
           const auto f = grid.at(s, base_x, base_y, p, static_cast<acc_t>(off[2 * p]),
                                  static_cast<acc_t>(off[2 * p + 1]));
-          const acc_t m = static_cast<acc_t>(weight[p]);
+          const acc_t m = weights(static_cast<acc_t>(weight[p]));
           if (!f.contributes) {  // zeros, or NaN for a non-finite location or mask
             const auto g = point_gradients_from_dots<acc_t>(f, m, grid.scale, 0, 0, 0, 0);
-            g_mask[p] = static_cast<scalar_t>(g.mask);
+            grad_weight[p] = g.mask;
             g_off[2 * p] = static_cast<scalar_t>(g.dx);
             g_off[2 * p + 1] = static_cast<scalar_t>(g.dy);
             continue;
@@ -157,10 +176,11 @@ void backward_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* v
           const acc_t v10 = corner(f.in_y1 && f.in_x0, f.y0 + 1, f.x0, f.w10());
           const acc_t v11 = corner(f.in_y1 && f.in_x1, f.y0 + 1, f.x0 + 1, f.w11());
           const auto g = point_gradients_from_dots(f, m, grid.scale, v00, v01, v10, v11);
-          g_mask[p] = static_cast<scalar_t>(g.mask);
+          grad_weight[p] = g.mask;
           g_off[2 * p] = static_cast<scalar_t>(g.dx);
           g_off[2 * p + 1] = static_cast<scalar_t>(g.dy);
         }
+        write_mask_gradients(s, weights, weight, grad_weight.data(), g_mask);
       }
       scalar_t* dst = grad_value + n * plane_in * channels + g * depth;
       for (int64_t pos = 0; pos < plane_in; ++pos)
@@ -189,10 +209,10 @@ void check_cpu(const at::Tensor& t, const char* name) {
 at::Tensor forward(const at::Tensor& value, const at::Tensor& offset, const at::Tensor& mask,
                    int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                    int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups,
-                   double offset_scale, bool remove_center) {
+                   double offset_scale, bool remove_center, bool softmax_mask) {
   check_cpu(value, "value");
   const Shape s = make_shape(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                             dilation_h, dilation_w, groups, offset_scale, remove_center);
+                             dilation_h, dilation_w, groups, offset_scale, remove_center, softmax_mask);
   auto out = at::empty({s.batch, s.height_out, s.width_out, s.channels()}, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "dcnv3_forward_cpu", [&] {
     with_depth(s.depth, [&](auto depth) {
@@ -207,10 +227,10 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& v
                                  const at::Tensor& offset, const at::Tensor& mask, int64_t kernel_h,
                                  int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                                  int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups,
-                                 double offset_scale, bool remove_center) {
+                                 double offset_scale, bool remove_center, bool softmax_mask) {
   check_cpu(value, "value");
   const Shape s = make_shape(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                             dilation_h, dilation_w, groups, offset_scale, remove_center);
+                             dilation_h, dilation_w, groups, offset_scale, remove_center, softmax_mask);
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == value.scalar_type() &&
                   grad_out.sizes() == at::IntArrayRef({s.batch, s.height_out, s.width_out, s.channels()}),
               "dcnv3 backward: grad_out must be contiguous, of value's dtype and of the output's shape");

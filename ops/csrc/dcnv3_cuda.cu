@@ -58,11 +58,11 @@ typename CudaType<scalar_t>::type* cuda_mut_ptr(at::Tensor& t) {
 Shape checked_shape(const at::Tensor& value, const at::Tensor& offset, const at::Tensor& mask,
                     int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                     int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups,
-                    double offset_scale, bool remove_center) {
+                    double offset_scale, bool remove_center, bool softmax_mask) {
   TORCH_CHECK(on_kernel_device(value), "dcnv3 CUDA kernel: value is on ", value.device(),
               "; move the inputs to one ", kKernelDevice, " device");
   const Shape s = make_shape(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                             dilation_h, dilation_w, groups, offset_scale, remove_center);
+                             dilation_h, dilation_w, groups, offset_scale, remove_center, softmax_mask);
   // Within one image the kernels index with 32-bit integers.
   TORCH_CHECK(s.height_in * s.width_in * s.channels() < std::numeric_limits<int>::max(),
               "dcnv3 CUDA kernel: one image of value has more than 2^31 elements");
@@ -99,11 +99,11 @@ void check_launch(cudaError_t error, const char* what) {
 at::Tensor forward(const at::Tensor& value, const at::Tensor& offset_in, const at::Tensor& mask,
                    int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                    int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups,
-                   double offset_scale, bool remove_center, const std::string& candidate) {
+                   double offset_scale, bool remove_center, bool softmax_mask, const std::string& candidate) {
   const cuda::ForwardCandidate kernels = forward_candidate(candidate);
   const at::Tensor offset = with_aligned_pairs(offset_in);
   const Shape s = checked_shape(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                                dilation_h, dilation_w, groups, offset_scale, remove_center);
+                                dilation_h, dilation_w, groups, offset_scale, remove_center, softmax_mask);
   const DeviceGuard guard(value.device());
   auto out = at::empty({s.batch, s.height_out, s.width_out, s.channels()}, value.options());
   const cudaStream_t stream = current_stream();
@@ -119,11 +119,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& v
                                  const at::Tensor& offset_in, const at::Tensor& mask, int64_t kernel_h,
                                  int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                                  int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups,
-                                 double offset_scale, bool remove_center, const std::string& candidate) {
+                                 double offset_scale, bool remove_center, bool softmax_mask,
+                                 const std::string& candidate) {
   const cuda::BackwardCandidate kernels = backward_candidate(candidate);
   const at::Tensor offset = with_aligned_pairs(offset_in);
   const Shape s = checked_shape(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                                dilation_h, dilation_w, groups, offset_scale, remove_center);
+                                dilation_h, dilation_w, groups, offset_scale, remove_center, softmax_mask);
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == value.scalar_type() &&
                   grad_out.device() == value.device() &&
                   grad_out.sizes() == at::IntArrayRef({s.batch, s.height_out, s.width_out, s.channels()}),

@@ -203,17 +203,19 @@ __device__ __forceinline__ void load_corners(const Footprint<acc_t>& f, const T*
 // not finite (its sample is NaN in the reference's arithmetic), for the caller to add to every
 // channel.
 // Points first, first + step, ... only, when several lanes share an item's points.
-template <typename T, typename acc_t = typename Accumulate<T>::type, typename Visit, typename Outside>
+template <typename T, bool kSoftmax, typename acc_t = typename Accumulate<T>::type, typename Visit,
+          typename Outside>
 __device__ __forceinline__ void for_each_sample(const Shape& s, int h_out, int w_out, const T* item_offset,
                                                 const T* item_mask, Visit&& visit, Outside&& outside,
                                                 int first = 0, int step = 1) {
+  const auto weights = point_weights<acc_t, kSoftmax>(s, [&](int q) { return to_acc(item_mask[q]); });
   for (int p = first; p < static_cast<int>(s.points); p += step) {
     const Vec<T, 2> dxy = load_vec<T, 2>(item_offset + 2 * p);
     const auto f = footprint<acc_t>(s, h_out, w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
     if (f.contributes) {
-      visit(f, to_acc(item_mask[p]));
+      visit(f, weights(to_acc(item_mask[p])));
     } else {
-      outside(outside_sample(f, to_acc(item_mask[p])));
+      outside(outside_sample(f, weights(to_acc(item_mask[p]))));
     }
   }
 }
@@ -235,7 +237,7 @@ __device__ __forceinline__ void add_sample(acc_t (&acc)[VEC], const Footprint<ac
   for (int k = 0; k < VEC; ++k) acc[k] += w00 * v00[k] + w01 * v01[k] + w10 * v10[k] + w11 * v11[k];
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool kSoftmax>
 __global__ void __launch_bounds__(kBlockThreads)
     forward_kernel(const Shape s, const T* __restrict__ value, const T* __restrict__ offset,
                    const T* __restrict__ mask, T* __restrict__ out, int tpi_log2, int64_t items) {
@@ -253,7 +255,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     acc_t acc[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
-    for_each_sample<T>(s, at.h_out, at.w_out, item_offset, item_mask, [&](const Footprint<acc_t>& f, acc_t m) {
+    for_each_sample<T, kSoftmax>(s, at.h_out, at.w_out, item_offset, item_mask, [&](const Footprint<acc_t>& f, acc_t m) {
       add_sample<T, VEC>(acc, f, m, image + (f.y0 * width_in + f.x0) * channels + channel, width_in * channels,
                          channels);
     }, [&](acc_t nothing_or_nan) { add_to_all<VEC>(acc, nothing_or_nan); });
@@ -267,7 +269,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 // groups of lanes, so a thread's chain of dependent loads is ~9 / 2^split_log2 points long instead
 // of 9, and the partial sums meet through shuffles. Same bytes as the untiled kernel; 2^split_log2
 // times the threads. Needs every chunk of an item in one pass (chunks <= its chunk lanes).
-template <typename T, int VEC>
+template <typename T, int VEC, bool kSoftmax>
 __global__ void __launch_bounds__(kBlockThreads)
     forward_points_split_kernel(const Shape s, const T* __restrict__ value, const T* __restrict__ offset,
                                 const T* __restrict__ mask, T* __restrict__ out, int chunk_lanes_log2,
@@ -286,7 +288,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
   if (active) {
     const T* image = value + at.batch * s.height_in * s.width_in * channels + at.group * depth;
-    for_each_sample<T>(s, at.h_out, at.w_out, offset + at.item * points * 2, mask + at.item * points,
+    for_each_sample<T, kSoftmax>(s, at.h_out, at.w_out, offset + at.item * points * 2, mask + at.item * points,
                        [&](const Footprint<acc_t>& f, acc_t m) {
       add_sample<T, VEC>(acc, f, m, image + (f.y0 * width_in + f.x0) * channels + channel, width_in * channels,
                          channels);
@@ -351,7 +353,7 @@ __device__ __forceinline__ TileSlot tile_slot(const Shape& s, const Tile& tile, 
   return at;
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool kSoftmax>
 __global__ void __launch_bounds__(kBlockThreads, kTiledBlocksPerSM)
     forward_tiled_kernel(const Shape s, const Tile tile, const T* __restrict__ value,
                          const T* __restrict__ offset, const T* __restrict__ mask, T* __restrict__ out,
@@ -384,7 +386,7 @@ __global__ void __launch_bounds__(kBlockThreads, kTiledBlocksPerSM)
   acc_t acc[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
-  for_each_sample<T>(s, at.h_out, at.w_out, item_offset, item_mask, [&](const Footprint<acc_t>& f, acc_t m) {
+  for_each_sample<T, kSoftmax>(s, at.h_out, at.w_out, item_offset, item_mask, [&](const Footprint<acc_t>& f, acc_t m) {
     const int wy = f.y0 - at.y_origin, wx = f.x0 - at.x_origin;
     if (wy >= 0 && wy + 1 < tile.window_h && wx >= 0 && wx + 1 < tile.window_w) {
       // Shared memory is close: one corner at a time keeps registers free (no spills at VEC 8).
@@ -461,9 +463,27 @@ __device__ __forceinline__ void write_point_gradients(const Shape& s, int64_t it
 // fewer registers, so more warps keep atomics in flight.
 enum class BackwardParts { kAll, kPointGradients, kValueGradient };
 
+// With logits for a mask, the writer lane turns the weight gradients g_p it wrote for the item's
+// points into logit gradients s_p · (g_p − Σ s_q g_q). It reads back its own writes (nothing stays
+// in registers across the point loop), so for fp16/bf16 g_p comes back rounded to T: fine within
+// half-precision tolerance.
+template <typename T, typename acc_t, bool kSoftmax>
+__device__ __forceinline__ void finish_mask_gradients(const Shape& s, int64_t item, bool writer,
+                                                      const PointWeights<acc_t, kSoftmax>& weights, const T* item_mask,
+                                                      T* grad_mask) {
+  if constexpr (kSoftmax) {
+    if (!writer) return;
+    T* row = grad_mask + item * s.points;
+    acc_t weighted_sum = 0;
+    for (int p = 0; p < static_cast<int>(s.points); ++p) weighted_sum += weights(to_acc(item_mask[p])) * to_acc(row[p]);
+    for (int p = 0; p < static_cast<int>(s.points); ++p)
+      row[p] = from_acc<T>(softmax_gradient(weights(to_acc(item_mask[p])), to_acc(row[p]), weighted_sum));
+  }
+}
+
 // grad_value_acc: fp32 (fp64 for double) gradient of value, zeroed by the caller; it may alias
 // the final grad_value when T is the accumulation type.
-template <typename T, int VEC, BackwardParts kParts = BackwardParts::kAll>
+template <typename T, int VEC, bool kSoftmax, BackwardParts kParts = BackwardParts::kAll>
 __global__ void __launch_bounds__(kBlockThreads)
     backward_kernel(const Shape s, const T* __restrict__ grad_out, const T* __restrict__ value,
                     const T* __restrict__ offset, const T* __restrict__ mask,
@@ -481,11 +501,13 @@ __global__ void __launch_bounds__(kBlockThreads)
   acc_t* grad_image = grad_value_acc + image_base;
   const int64_t item = at.item_valid ? at.item : 0;
   const T* upstream_row = grad_out + item * depth;
+  const T* item_mask = mask + item * points;
+  const auto weights = point_weights<acc_t, kSoftmax>(s, [&](int q) { return to_acc(item_mask[q]); });
 
   for (int p = 0; p < points; ++p) {
     const Vec<T, 2> dxy = load_vec<T, 2>(offset + (item * points + p) * 2);
     const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
-    const acc_t m = to_acc(mask[item * points + p]);
+    const acc_t m = weights(to_acc(item_mask[p]));
     CornerDots<acc_t> dots;
     for (int first = 0; first < chunks; first += tpi) {
       const int chunk = first + at.lane;
@@ -506,6 +528,8 @@ __global__ void __launch_bounds__(kBlockThreads)
       write_point_gradients<T>(s, item, p, at.item_valid && at.lane == 0, f, m, dots, tpi_log2, grad_offset,
                                grad_mask);
   }
+  if constexpr (kParts != BackwardParts::kValueGradient)
+    finish_mask_gradients<T>(s, item, at.item_valid && at.lane == 0, weights, item_mask, grad_mask);
 }
 
 // The window is zeroed and flushed in pieces of up to 16 bytes: vector shared-memory accesses.
@@ -548,7 +572,7 @@ __device__ __forceinline__ void flush_window(const Shape& s, const Tile& tile, c
   }
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool kSoftmax>
 __global__ void __launch_bounds__(kBlockThreads)
     backward_tiled_kernel(const Shape s, const Tile tile, const T* __restrict__ grad_out,
                           const T* __restrict__ value, const T* __restrict__ offset,
@@ -569,10 +593,12 @@ __global__ void __launch_bounds__(kBlockThreads)
   const T* image = value + image_base;
   acc_t* grad_image = grad_value_acc + image_base;
   const int channel = at.lane * VEC;
+  const T* item_mask = mask + at.item * points;
+  const auto weights = point_weights<acc_t, kSoftmax>(s, [&](int q) { return to_acc(item_mask[q]); });
   for (int p = 0; p < points; ++p) {
     const Vec<T, 2> dxy = load_vec<T, 2>(offset + (at.item * points + p) * 2);
     const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
-    const acc_t m = to_acc(mask[at.item * points + p]);
+    const acc_t m = weights(to_acc(item_mask[p]));
     CornerDots<acc_t> dots;
     if (valid && f.contributes) {
       // Re-read per point (an L1 hit) rather than held across the loop: registers for the dots.
@@ -594,6 +620,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     write_point_gradients<T>(s, at.item, p, at.pixel_valid && at.lane == 0, f, m, dots, tpi_log2, grad_offset,
                              grad_mask);
   }
+  finish_mask_gradients<T>(s, at.item, at.pixel_valid && at.lane == 0, weights, item_mask, grad_mask);
   __syncthreads();
   flush_window<acc_t, VEC>(s, tile, at, window, grad_image);
 }
@@ -699,28 +726,36 @@ inline int points_split_log2(int64_t chunks, int tpi_log2) {
   return std::min(2, 5 - tpi_log2);
 }
 
-template <typename T, int VEC>
-cudaError_t launch_forward_vec(const Shape& s, const T* value, const T* offset, const T* mask, T* out,
+template <typename T, int VEC, bool kSoftmax>
+cudaError_t launch_forward_kernels(const Shape& s, const T* value, const T* offset, const T* mask, T* out,
                                ForwardCandidate candidate, cudaStream_t stream) {
   const int64_t items = s.pixels_out() * s.groups;
   const int tpi_log2 = threads_per_item_log2(s.depth / VEC);
   if (candidate == ForwardCandidate::kPointsSplit) {
     if (const int split_log2 = points_split_log2(s.depth / VEC, tpi_log2); split_log2 > 0) {
       DCNV3_LAUNCH(grid_for(items << (tpi_log2 + split_log2)), kBlockThreads, 0, stream,
-                   forward_points_split_kernel<T, VEC>)(s, value, offset, mask, out, tpi_log2, split_log2, items);
+                   forward_points_split_kernel<T, VEC, kSoftmax>)(s, value, offset, mask, out, tpi_log2, split_log2, items);
       return cudaGetLastError();
     }
   }
   if (candidate == ForwardCandidate::kTiled) {
     if (const auto tile = plan_tile(s, static_cast<int>(s.depth / VEC), tpi_log2, sizeof(T))) {
       DCNV3_LAUNCH(tile_blocks(s, *tile), kBlockThreads, window_bytes(s, *tile, sizeof(T)), stream,
-                   forward_tiled_kernel<T, VEC>)(s, *tile, value, offset, mask, out, tpi_log2);
+                   forward_tiled_kernel<T, VEC, kSoftmax>)(s, *tile, value, offset, mask, out, tpi_log2);
       return cudaGetLastError();
     }
   }
-  DCNV3_LAUNCH(grid_for(items << tpi_log2), kBlockThreads, 0, stream, forward_kernel<T, VEC>)(
+  DCNV3_LAUNCH(grid_for(items << tpi_log2), kBlockThreads, 0, stream, forward_kernel<T, VEC, kSoftmax>)(
       s, value, offset, mask, out, tpi_log2, items);
   return cudaGetLastError();
+}
+
+// Kernels with the mask softmax compiled in only when the call needs it.
+template <typename T, int VEC>
+cudaError_t launch_forward_vec(const Shape& s, const T* value, const T* offset, const T* mask, T* out,
+                               ForwardCandidate candidate, cudaStream_t stream) {
+  return s.softmax_mask ? launch_forward_kernels<T, VEC, true>(s, value, offset, mask, out, candidate, stream)
+                        : launch_forward_kernels<T, VEC, false>(s, value, offset, mask, out, candidate, stream);
 }
 
 // out (N, H_out, W_out, G·D) = DCNv3 core of the contiguous channels-last inputs.
@@ -737,8 +772,8 @@ cudaError_t launch_forward(const Shape& s, const T* value, const T* offset, cons
   }
 }
 
-template <typename T, int VEC>
-cudaError_t launch_backward_vec(const Shape& s, const T* grad_out, const T* value, const T* offset,
+template <typename T, int VEC, bool kSoftmax>
+cudaError_t launch_backward_kernels(const Shape& s, const T* grad_out, const T* value, const T* offset,
                                 const T* mask, typename Accumulate<T>::type* grad_value_acc,
                                 T* grad_offset, T* grad_mask, BackwardCandidate candidate, cudaStream_t stream) {
   using acc_t = typename Accumulate<T>::type;
@@ -746,23 +781,38 @@ cudaError_t launch_backward_vec(const Shape& s, const T* grad_out, const T* valu
   const int tpi_log2 = threads_per_item_log2(s.depth / VEC);
   if (candidate == BackwardCandidate::kSplit) {
     const unsigned blocks = grid_for(items << tpi_log2);
-    DCNV3_LAUNCH(blocks, kBlockThreads, 0, stream, backward_kernel<T, VEC, BackwardParts::kPointGradients>)(
+    DCNV3_LAUNCH(blocks, kBlockThreads, 0, stream, backward_kernel<T, VEC, kSoftmax, BackwardParts::kPointGradients>)(
         s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, tpi_log2, items);
-    DCNV3_LAUNCH(blocks, kBlockThreads, 0, stream, backward_kernel<T, VEC, BackwardParts::kValueGradient>)(
+    DCNV3_LAUNCH(blocks, kBlockThreads, 0, stream, backward_kernel<T, VEC, kSoftmax, BackwardParts::kValueGradient>)(
         s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, tpi_log2, items);
     return cudaGetLastError();
   }
-  if (candidate == BackwardCandidate::kTiled) {
-    if (const auto tile = plan_tile(s, static_cast<int>(s.depth / VEC), tpi_log2, sizeof(acc_t))) {
-      DCNV3_LAUNCH(tile_blocks(s, *tile), kBlockThreads, window_bytes(s, *tile, sizeof(acc_t)), stream,
-                   backward_tiled_kernel<T, VEC>)(s, *tile, grad_out, value, offset, mask, grad_value_acc,
-                                                  grad_offset, grad_mask, tpi_log2);
-      return cudaGetLastError();
+  // With the mask softmax the tiled backward is built for 4- and 8-channel chunks only (InternImage's
+  // D = 16, 32; narrower ones run untiled): at 2 fp32 channels ptxas spills it.
+  if constexpr (!kSoftmax || VEC >= 4) {
+    if (candidate == BackwardCandidate::kTiled) {
+      if (const auto tile = plan_tile(s, static_cast<int>(s.depth / VEC), tpi_log2, sizeof(acc_t))) {
+        DCNV3_LAUNCH(tile_blocks(s, *tile), kBlockThreads, window_bytes(s, *tile, sizeof(acc_t)), stream,
+                     backward_tiled_kernel<T, VEC, kSoftmax>)(s, *tile, grad_out, value, offset, mask,
+                                                              grad_value_acc, grad_offset, grad_mask, tpi_log2);
+        return cudaGetLastError();
+      }
     }
   }
-  DCNV3_LAUNCH(grid_for(items << tpi_log2), kBlockThreads, 0, stream, backward_kernel<T, VEC>)(
+  DCNV3_LAUNCH(grid_for(items << tpi_log2), kBlockThreads, 0, stream, backward_kernel<T, VEC, kSoftmax>)(
       s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, tpi_log2, items);
   return cudaGetLastError();
+}
+
+template <typename T, int VEC>
+cudaError_t launch_backward_vec(const Shape& s, const T* grad_out, const T* value, const T* offset,
+                                const T* mask, typename Accumulate<T>::type* grad_value_acc,
+                                T* grad_offset, T* grad_mask, BackwardCandidate candidate, cudaStream_t stream) {
+  return s.softmax_mask
+             ? launch_backward_kernels<T, VEC, true>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset,
+                                                     grad_mask, candidate, stream)
+             : launch_backward_kernels<T, VEC, false>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset,
+                                                      grad_mask, candidate, stream);
 }
 
 // Gradients of the DCNv3 core. grad_value_acc (value's shape, accumulation type) must be zeroed;

@@ -29,10 +29,54 @@ struct Shape {
   int64_t dilation_h, dilation_w;
   double offset_scale;
   bool remove_center;
+  bool softmax_mask;  // mask holds logits: the point weights are their softmax over each group's points
 
   DCNV3_HOST_DEVICE int64_t channels() const { return groups * depth; }
   DCNV3_HOST_DEVICE int64_t pixels_out() const { return batch * height_out * width_out; }
 };
+
+// The point weights of one (pixel, group) from its P mask entries: the entries themselves, or, when
+// the op received logits (Shape::softmax_mask), their softmax over the points, max subtracted first
+// as torch.softmax does (non-finite logits give NaN weights there and here). Computed from the
+// logits in the accumulation type, so no normalised mask tensor is ever written or read.
+// kMaySoftmax = false compiles the softmax away (the CUDA kernels are instantiated both ways, so
+// kernels without it keep their registers).
+template <typename acc_t, bool kMaySoftmax = true>
+struct PointWeights {
+  bool softmax;
+  acc_t max, inv_sum;  // of the logits; 1 / Σ exp(logit − max) (a multiply per point, not a division)
+
+  DCNV3_HOST_DEVICE acc_t operator()(acc_t entry) const {
+    using std::exp;  // host: std::exp; device: CUDA's float/double overloads
+    if constexpr (!kMaySoftmax) return entry;
+    return softmax ? exp(entry - max) * inv_sum : entry;
+  }
+};
+
+// entry(p) reads the mask entry of point p in the accumulation type.
+template <typename acc_t, bool kMaySoftmax = true, typename Entry>
+DCNV3_HOST_DEVICE PointWeights<acc_t, kMaySoftmax> point_weights(const Shape& s, Entry&& entry) {
+  PointWeights<acc_t, kMaySoftmax> w{kMaySoftmax && s.softmax_mask, acc_t(0), acc_t(1)};
+  if (!w.softmax) return w;
+  using std::exp;
+  const int points = static_cast<int>(s.points);
+  w.max = entry(0);
+  for (int p = 1; p < points; ++p) {
+    const acc_t x = entry(p);
+    w.max = x > w.max ? x : w.max;
+  }
+  acc_t sum = 0;
+  for (int p = 0; p < points; ++p) sum += exp(entry(p) - w.max);
+  w.inv_sum = acc_t(1) / sum;
+  return w;
+}
+
+// Softmax backward for one (pixel, group): the logit gradient of point p from the gradient g_p with
+// respect to its weight s_p, given Σ_q s_q·g_q: s_p·(g_p − Σ_q s_q·g_q), torch's formula.
+template <typename acc_t>
+DCNV3_HOST_DEVICE acc_t softmax_gradient(acc_t weight, acc_t grad_weight, acc_t weighted_sum) {
+  return weight * (grad_weight - weighted_sum);
+}
 
 // Kernel-grid position of point p: the width index i runs outer, the height index j inner, and
 // remove_center skips the centre (i = kw/2, j = kh/2), so later points shift up by one.

@@ -13,7 +13,7 @@ namespace dcnv3 {
 inline Shape make_shape(const at::Tensor& value, const at::Tensor& offset, const at::Tensor& mask,
                         int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
                         int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w,
-                        int64_t groups, double offset_scale, bool remove_center) {
+                        int64_t groups, double offset_scale, bool remove_center, bool softmax_mask) {
   TORCH_CHECK(value.dim() == 4 && offset.dim() == 4 && mask.dim() == 4,
               "dcnv3: value, offset and mask must be 4-D channels-last (N, H, W, C)");
   TORCH_CHECK(value.is_contiguous() && offset.is_contiguous() && mask.is_contiguous(),
@@ -49,6 +49,7 @@ inline Shape make_shape(const at::Tensor& value, const at::Tensor& offset, const
   s.dilation_w = dilation_w;
   s.offset_scale = offset_scale;
   s.remove_center = remove_center;
+  s.softmax_mask = softmax_mask;
   TORCH_CHECK(s.height_out >= 1 && s.width_out >= 1, "dcnv3: input too small for the kernel");
   const auto expect = [&](const at::Tensor& t, int64_t last, const char* name) {
     TORCH_CHECK(t.size(0) == s.batch && t.size(1) == s.height_out && t.size(2) == s.width_out &&

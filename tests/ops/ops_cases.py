@@ -25,6 +25,7 @@ class Problem:
     offset_scale: float = 1.0
     remove_center: bool = False
     offset_spread: float = 2.0  # std of the offsets, in input pixels
+    softmax_mask: bool = False  # mask holds logits (drawn with std 2), softmaxed inside the op
     extra: dict = field(default_factory=dict)
 
     @property
@@ -38,7 +39,8 @@ class Problem:
 
     def kwargs(self) -> dict:
         return dict(kernel_size=self.kernel, stride=self.stride, pad=self.pad, dilation=self.dilation,
-                    groups=self.groups, offset_scale=self.offset_scale, remove_center=self.remove_center)
+                    groups=self.groups, offset_scale=self.offset_scale, remove_center=self.remove_center,
+                    softmax_mask=self.softmax_mask)
 
     def make(self, dtype=torch.float64, device="cpu", generator_seed: int = 0, off_integer: bool = False):
         """(value, offset, mask) drawn fresh. ``off_integer`` keeps offsets' fractional parts in
@@ -53,6 +55,8 @@ class Problem:
                              dtype=torch.float64) * self.offset_spread
         mask = torch.rand(self.batch, h_out, w_out, self.groups * self.points, generator=gen,
                           dtype=torch.float64)
+        if self.softmax_mask:
+            mask = torch.randn(mask.shape, generator=gen, dtype=torch.float64) * 2
         if off_integer:
             offset = offset.floor() + 0.1 + 0.8 * torch.rand(offset.shape, generator=gen, dtype=torch.float64)
         return tuple(t.to(device=device, dtype=dtype) for t in (value, offset, mask))
@@ -115,6 +119,10 @@ PROBLEMS = {
     # Offsets of ~4 px put many samples on the edges of the tiled CUDA kernels' shared-memory
     # windows (kernel reach + 3 px), where they switch between shared and global memory.
     "window_edges": Problem(batch=2, height=20, width=21, groups=2, depth=16, offset_spread=4.0),
+    # Mask logits softmaxed inside the op (what DCNv3 always does to its mask), with 16 and 3
+    # channels per group (vector and scalar paths) and one group's worth of lanes over a warp.
+    "softmax_mask": Problem(groups=4, depth=16, height=6, width=7, softmax_mask=True),
+    "softmax_mask_depth3": Problem(groups=3, depth=3, softmax_mask=True, remove_center=True),
 }
 
 

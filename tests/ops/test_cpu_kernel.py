@@ -61,9 +61,11 @@ def test_bf16_accumulates_in_fp32():
         assert rel < 1e-2, f"{label}: relative error {rel:.2e}"
 
 
-def test_gradcheck_fp64():
+@pytest.mark.parametrize("softmax_mask", [False, True], ids=["mask", "mask_logits"])
+def test_gradcheck_fp64(softmax_mask):
     require_cpu_kernel()
-    problem = Problem(batch=1, height=4, width=5, groups=2, depth=3, offset_scale=1.5, stride=(2, 1))
+    problem = Problem(batch=1, height=4, width=5, groups=2, depth=3, offset_scale=1.5, stride=(2, 1),
+                      softmax_mask=softmax_mask)
     value, offset, mask = problem.make(torch.float64, generator_seed=11)
     # Keep sampling points off integer coordinates, where bilinear interpolation has kinks.
     offset = offset + 0.37
@@ -144,3 +146,24 @@ def test_non_finite_inputs_give_what_the_reference_gives(poisoned, kind):
     reference = _forward_and_grads(ops.dcnv3_core_reference, NON_FINITE_PROBLEM, inputs, grad_out)
     for label, a, b in zip(("output", "grad value", "grad offset", "grad mask"), fused, reference):
         assert_same_non_finite(a, b, f"{poisoned}={kind} {label}", rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("op", ["fused", "reference"])
+def test_softmax_mask_is_the_op_on_the_softmaxed_mask(op):
+    """softmax_mask=True equals softmaxing each group's P mask logits first and passing the
+    weights: forward and all three gradients (the mask's through the softmax), fp64 to 1e-10."""
+    if op == "fused":
+        require_cpu_kernel()
+    fn = ops.dcnv3_core if op == "fused" else ops.dcnv3_core_reference
+    problem = PROBLEMS["softmax_mask"]
+    value, offset, logits = problem.make(torch.float64, generator_seed=13)
+    grad_out = torch.randn(problem.batch, *problem.out_hw, problem.groups * problem.depth, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (value, offset, logits)]
+    n, h, w, _ = logits.shape
+    weights = leaves[2].reshape(n, h, w, problem.groups, problem.points).softmax(-1).reshape(n, h, w, -1)
+    unfused = ops.dcnv3_core_reference(leaves[0], leaves[1], weights,
+                                       **{**problem.kwargs(), "softmax_mask": False})
+    want = (unfused, *torch.autograd.grad(unfused, leaves, grad_out))
+    got = _forward_and_grads(fn, problem, (value, offset, logits), grad_out)
+    for label, a, b in zip(("output", "grad value", "grad offset", "grad mask logits"), got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=lambda m: f"{label}: {m}")

@@ -44,7 +44,7 @@ def emulated(tmp_path_factory):
 def _params(problem: Problem) -> tuple:
     """The extension's flat parameters, in the order of ``internimage::dcnv3_core``."""
     return (*problem.kernel, *problem.stride, *problem.pad, *problem.dilation, problem.groups,
-            problem.offset_scale, problem.remove_center)
+            problem.offset_scale, problem.remove_center, problem.softmax_mask)
 
 
 def _run(emulated, problem, inputs, grad_out, kernels=("untiled", "untiled")):
@@ -91,7 +91,7 @@ def test_fp64_matches_reference_tightly(emulated, scheme, name):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", ["default", "depth3", "depth16", "depth32", "depth1024", "remove_center",
-                                  "batch257", "internimage_t_stage1"])
+                                  "batch257", "internimage_t_stage1", "softmax_mask"])
 def test_half_precision_within_tolerance(emulated, scheme, name, dtype):
     problem = PROBLEMS[name]
     inputs = problem.make(dtype, generator_seed=9, off_integer=True)

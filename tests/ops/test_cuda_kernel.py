@@ -69,7 +69,7 @@ def test_fp32_matches_reference(scheme, name):
 
 
 @pytest.mark.parametrize("name", ["default", "depth16", "depth30", "depth32", "depth64", "batch257",
-                                  "internimage_t_stage1"])
+                                  "internimage_t_stage1", "softmax_mask"])
 def test_fp64_matches_reference_tightly(scheme, name):
     problem = PROBLEMS[name]
     inputs = problem.make(torch.float64, device="cuda", generator_seed=5)
@@ -81,7 +81,7 @@ def test_fp64_matches_reference_tightly(scheme, name):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", ["default", "depth3", "depth16", "depth32", "depth1024", "remove_center",
-                                  "internimage_t_stage1"])
+                                  "internimage_t_stage1", "softmax_mask"])
 def test_half_precision_within_tolerance(scheme, name, dtype):
     problem = PROBLEMS[name]
     inputs = problem.make(dtype, device="cuda", generator_seed=9, off_integer=True)

@@ -69,7 +69,7 @@ def test_extension_rechecks_shapes_when_called_directly():
     from internimage.ops import _cpu
     value, offset, mask = _inputs()
     with pytest.raises(RuntimeError, match="offset must have shape"):
-        _cpu.forward(value, offset[..., :10].contiguous(), mask, 3, 3, 1, 1, 1, 1, 1, 1, 2, 1.0, False)
+        _cpu.forward(value, offset[..., :10].contiguous(), mask, 3, 3, 1, 1, 1, 1, 1, 1, 2, 1.0, False, False)
 
 
 def test_non_contiguous_inputs_simply_work():
