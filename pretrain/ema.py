@@ -47,13 +47,24 @@ class ShardedEMA:
         self.shadow = {n: local_master_fp32(p).detach().clone() for n, p in self.params}
         self.shadow_buffers = {n: b.detach().clone() for n, b in self.buffers.items()}
         self.updates = 0
+        self._master_views: list[torch.Tensor] | None = None
+
+    def _masters(self) -> list[torch.Tensor]:
+        """This rank's fp32 masters, in ``self.params`` order. Under ZeRO-3 without offloading they
+        are views into DeepSpeed's flat fp32 partitions, which live as long as the engine: looked up
+        once (at the first update, after any checkpoint load), not ~1,700 lookups per step for H.
+        Copies (offloaded or gathered masters) are fetched anew every step."""
+        if self._master_views is not None:
+            return self._master_views
+        masters = [local_master_fp32(p) for _, p in self.params]
+        if all(m._base is not None and m.dtype == torch.float32 for m in masters):
+            self._master_views = masters
+        return [m.float() for m in masters]
 
     @torch.no_grad()
     def update(self) -> None:
-        """Call after each optimizer step."""
-        weight = 1.0 - self.decay
-        for name, param in self.params:
-            self.shadow[name].lerp_(local_master_fp32(param).float(), weight)
+        """Call after each optimizer step: one fused lerp over every shadow tensor."""
+        torch._foreach_lerp_(list(self.shadow.values()), self._masters(), 1.0 - self.decay)
         for name, buf in self.buffers.items():
             self.shadow_buffers[name].copy_(buf)  # running statistics follow the model
         self.updates += 1

@@ -14,9 +14,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .distributed import all_ranks
+from .distributed import all_ranks, rank
 
-__all__ = ["NonFiniteError", "StepGate", "gradients_finite", "tensors_finite"]
+__all__ = ["NonFiniteError", "StepGate", "gradients_finite", "tensors_finite", "unpadded"]
 
 
 class NonFiniteError(RuntimeError):
@@ -45,16 +45,26 @@ class StepGate:
         optimizer.step = gated_step
 
 
+def unpadded(param: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
+    """This rank's share of ``param`` (its ZeRO-3 partition, or the whole tensor) without ZeRO-3's
+    padding: partitions are ceil(numel / world) long, and the tail of the last ones is memory that
+    is never written (any bit pattern, NaN included)."""
+    if not hasattr(param, "ds_numel"):
+        return local
+    start = rank() * local.numel()
+    return local.flatten()[:max(0, min(local.numel(), param.ds_numel - start))]
+
+
 def _local_gradients(module: nn.Module) -> list[torch.Tensor]:
     """This rank's share of every gradient after the backward of an accumulation boundary: the
-    ZeRO-3 partition of each parameter (fp32), else the parameter's own gradient."""
+    ZeRO-3 partition of each parameter (fp32, unpadded), else the parameter's own gradient."""
     grads = []
     for param in module.parameters():
         if not param.requires_grad:
             continue
         if hasattr(param, "ds_id"):
             from deepspeed.utils import safe_get_local_grad
-            grad = safe_get_local_grad(param)
+            grad = unpadded(param, safe_get_local_grad(param))
         else:
             grad = param.grad
             if grad is None:
@@ -66,16 +76,18 @@ def _local_gradients(module: nn.Module) -> list[torch.Tensor]:
 
 
 def tensors_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """A 0-dim bool tensor on the tensors' device: no NaN or ±inf in any of them (one fused norm
-    per tensor, no host sync)."""
+    """A 0-dim bool tensor on the tensors' device: no NaN or ±inf in any of them, without a host
+    sync. The max-norm (one fused reduction per tensor) is NaN or inf exactly when an element is;
+    a 2-norm would also overflow on large finite values."""
     tensors = [t.detach() for t in tensors if t.numel()]
     if not tensors:
         return torch.tensor(True)
-    norms = torch._foreach_norm([t.float() if not t.is_floating_point() else t for t in tensors])
+    norms = torch._foreach_norm([t if t.is_floating_point() else t.float() for t in tensors], float("inf"))
     return torch.isfinite(torch.stack([n.float() for n in norms])).all()
 
 
 def gradients_finite(module: nn.Module) -> bool:
-    """True on every rank when the global gradient norm is finite (collective: all ranks call it,
-    between ``engine.backward`` of an accumulation boundary and ``engine.step``)."""
+    """True on every rank when every gradient element is finite, so the global gradient norm is
+    (collective: all ranks call it, between ``engine.backward`` of an accumulation boundary and
+    ``engine.step``)."""
     return all_ranks(tensors_finite(_local_gradients(module)))

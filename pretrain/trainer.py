@@ -29,7 +29,7 @@ from .distributed import (PREEMPTION, all_ranks, barrier, compute_device, mean_o
                           precision_dtype, rank, sum_over_ranks, synchronize, world_size)
 from .ema import ShardedEMA, assemble_full_ema, local_master_fp32
 from .engine import build_engine, build_module, scaled_lr
-from .guards import NonFiniteError, gradients_finite, tensors_finite
+from .guards import NonFiniteError, gradients_finite, tensors_finite, unpadded
 from .metrics import (MetricsWriter, ProgressLine, device_memory_stats, device_peak_tflops,
                       peak_memory_gib, reset_peak_memory, train_tflops_per_image)
 from .optim import cosine_lr, set_lr
@@ -83,13 +83,16 @@ class Trainer:
         # sample i of every rank's micro-batch).
         torch.manual_seed(cfg.seed + 7919 * (self.rank + 1))
         self.ema = ShardedEMA(self.engine.module, cfg.ema.decay) if cfg.ema.enabled else None
-        self.generator = torch.Generator(device=self.device)
+        # Draws the per-batch augmentation seeds on the host (a draw on the GPU would stop the host
+        # for the device every batch); the device-side noise has its own generator, seeded by them.
+        self.generator = torch.Generator()
         self.generator.manual_seed(cfg.seed * 1000 + self.rank)
         self.random_state = RandomState(self.generator)
         loader_state = self._resume(point, resharding) if point is not None else None
         # Pinned host batches let the copy to the GPU overlap compute (non_blocking below).
         data_cfg = dataclasses.replace(cfg.data, pin_memory=cfg.data.pin_memory or self.device.type == "cuda")
-        self.loader = build_train_loader(data_cfg, self.rank, self.world, state=loader_state)
+        self.loader = build_train_loader(data_cfg, self.rank, self.world, state=loader_state,
+                                         num_classes=cfg.model.num_classes)
         self.transform = DeviceTransform(cfg.data, cfg.model.num_classes)
         self.eval_transform = DeviceTransform(cfg.data, cfg.model.num_classes, eval=True)
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch // cfg.optim.grad_accum)
@@ -278,7 +281,8 @@ class Trainer:
     def _accuracy(self) -> dict[str, float]:
         self.engine.eval()
         counts = torch.zeros(3, device=self.device)  # correct top-1, correct top-5, valid samples
-        for i, batch in enumerate(build_eval_loader(self.cfg.data, self.rank, self.world)):
+        loader = build_eval_loader(self.cfg.data, self.rank, self.world, num_classes=self.cfg.model.num_classes)
+        for i, batch in enumerate(loader):
             if self.cfg.eval.max_batches is not None and i >= self.cfg.eval.max_batches:
                 break
             batch = self.eval_transform({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
@@ -310,9 +314,10 @@ class Trainer:
 
     def _weights_finite(self) -> bool:
         """Every rank's fp32 master weights and EMA shard hold no NaN/inf (collective)."""
-        tensors = [local_master_fp32(p) for p in self.engine.module.parameters() if p.requires_grad]
+        params = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        tensors = [unpadded(p, local_master_fp32(p)) for _, p in params]
         if self.ema is not None:
-            tensors += list(self.ema.shadow.values())
+            tensors += [unpadded(p, self.ema.shadow[n]) for n, p in params]
         return all_ranks(tensors_finite(tensors))
 
     def save(self) -> None:
