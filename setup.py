@@ -96,7 +96,7 @@ setup(
         "simplejpeg>=1.7",  # libjpeg-turbo decoding, ~20% faster than PIL's in the loader
     ],
     extras_require={
-        "test": ["pytest>=7.4", "scikit-learn>=1.3", "tokenizers>=0.15"],
+        "test": ["pytest>=7.4", "scikit-learn>=1.3", "tokenizers>=0.15", "ruff>=0.4"],
         "demo": ["scikit-learn>=1.3"],
     },
 )

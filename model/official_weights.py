@@ -59,7 +59,8 @@ def load_pretrained(model: nn.Module, source: str | Path | Mapping, class_indice
     final Linear (``head``) follows the checkpoint when sizes agree, takes the rows ``class_indices``
     when given (21841 → 1000 remap), and is otherwise left freshly initialised with a warning.
     """
-    checkpoint = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, (str, Path)) else source
+    is_path = isinstance(source, (str, Path))
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True) if is_path else source
     state = extract_state_dict(checkpoint)
     own = model.state_dict()
     features_only = getattr(model, "features_only", False)

@@ -26,8 +26,9 @@ SYNTHETIC_SOURCE = "data.train_sources=[{name: synthetic, shards: synthetic.tar,
 
 def _cfg(args, micro_batch: int, checkpointing: bool):
     from .config import load_config
-    overrides = [SYNTHETIC_SOURCE, f"model.name={args.model}", f"model.num_classes={args.num_classes}", "model.arch={}",
-                 f"activation_checkpointing.enabled={str(checkpointing).lower()}", f"model.dcn_reference={str(args.dcn_reference).lower()}",
+    overrides = [SYNTHETIC_SOURCE, f"model.name={args.model}", f"model.num_classes={args.num_classes}",
+                 "model.arch={}", f"activation_checkpointing.enabled={str(checkpointing).lower()}",
+                 f"model.dcn_reference={str(args.dcn_reference).lower()}",
                  "model.drop_path_rate=null", f"data.img_size={args.img_size}",
                  f"data.batch_size={micro_batch}", f"deepspeed.zero_stage={args.zero_stage}",
                  f"deepspeed.precision={args.precision}", "optim.base_batch_size=null"]

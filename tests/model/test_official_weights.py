@@ -96,7 +96,8 @@ def test_missing_and_unexpected_backbone_keys_are_named():
 def test_a_checkpoint_of_another_variant_fails_naming_the_shapes():
     official = official_checkpoint("internimage_s")
     model = create_model("internimage_b", **reduced_overrides("internimage_b"))
-    with pytest.raises(ValueError, match=r"patch_embed.conv1.weight: checkpoint \(40, 3, 3, 3\) vs model \(56, 3, 3, 3\)"):
+    mismatch = r"patch_embed.conv1.weight: checkpoint \(40, 3, 3, 3\) vs model \(56, 3, 3, 3\)"
+    with pytest.raises(ValueError, match=mismatch):
         load_pretrained(model, {"model": official})
 
 

@@ -10,7 +10,9 @@ from internimage.pretrain.optim import cosine_lr, set_lr
 
 
 def test_warmup_rises_linearly_then_cosine_falls_to_min_lr():
-    lr = lambda s: cosine_lr(s, total_steps=110, warmup_steps=10, base_lr=1.0, min_lr=0.1, warmup_lr=0.0)
+    def lr(step):
+        return cosine_lr(step, total_steps=110, warmup_steps=10, base_lr=1.0, min_lr=0.1, warmup_lr=0.0)
+
     assert lr(0) == 0.0 and lr(5) == pytest.approx(0.5) and lr(10) == pytest.approx(1.0)
     assert lr(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
     assert lr(110) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)
