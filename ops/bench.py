@@ -33,7 +33,7 @@ from . import candidates, extension
 from .dcnv3 import dcnv3_core
 from .reference import dcnv3_core_reference
 
-# SPEC §1: stage-1 channels and groups per stage; stages halve the side from 56 at 224².
+# docs/model.md §1: stage-1 channels and groups per stage; stages halve the side from 56 at 224².
 VARIANTS = {"t": (64, (4, 8, 16, 32)), "h": (320, (10, 20, 40, 80))}
 PARAMS = (3, 3, 1, 1, 1, 1, 1, 1)  # kernel, stride, pad, dilation (h, w each)
 

@@ -117,7 +117,7 @@ def _autocast(value: Tensor, offset: Tensor, mask: Tensor) -> tuple[Tensor, Tens
 def dcnv3_core(value: Tensor, offset: Tensor, mask: Tensor, kernel_size=(3, 3), stride=(1, 1),
                pad=(1, 1), dilation=(1, 1), *, groups: int, offset_scale: float = 1.0,
                remove_center: bool = False, softmax_mask: bool = False) -> Tensor:
-    """DCNv3 core (SPEC §4) through the registered op; same contract as ``dcnv3_core_reference``.
+    """DCNv3 core (docs/model.md §4) through the registered op; same contract as ``dcnv3_core_reference``.
 
     Shapes: value (N, H_in, W_in, G·D), offset (N, H_out, W_out, G·P·2) holding (dx, dy) in input
     pixels per group and point, mask (N, H_out, W_out, G·P) → (N, H_out, W_out, G·D), in the

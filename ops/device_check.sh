@@ -24,7 +24,7 @@ echo "our build rc=$? at $(elapsed) s" | tee -a "$OUT/build.log"
 python3 -c "from internimage.ops import extension as e; print('cuda kernel:', e.kernels_available('cuda'), e.load_error('cuda')); print('cpu kernel:', e.kernels_available('cpu'), e.load_error('cpu'))" 2>&1 | tee -a "$OUT/build.log"
 python3 -c "from internimage.ops import extension as e; assert e.kernels_available('cuda')" || exit 3
 
-INTERNIMAGE_REQUIRE_FUSED_CUDA=1 timeout ${TEST_TIMEOUT:-100} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/ops/test_cuda_kernel.py} 2>&1 | tail -60 > "$OUT/tests.log"
+INTERNIMAGE_REQUIRE_FUSED_CUDA=1 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/ops/test_cuda_kernel.py} 2>&1 | tail -60 > "$OUT/tests.log"
 echo "tests done at $(elapsed) s"; tail -4 "$OUT/tests.log"
 
 timeout 120 python3 -m internimage.ops.bench --device cuda --dtype bfloat16 --repeats 30 --json "$OUT/bench_cuda_bf16.json" > "$OUT/bench.log" 2>&1

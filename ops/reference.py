@@ -1,7 +1,7 @@
-"""DCNv3 core operator in plain PyTorch: the test oracle and the fallback (SPEC §4).
+"""DCNv3 core operator in plain PyTorch: the test oracle and the fallback (docs/model.md §4).
 
 Every fused kernel is checked against this file, so it favours obviousness over speed: sampling
-locations are built exactly as SPEC §4 writes them and the four bilinear corners are gathered with
+locations are built exactly as docs/model.md §4 writes them and the four bilinear corners are gathered with
 plain indexing. (``F.grid_sample`` would be faster, but its normalised coordinates round integer
 locations, such as the regular grid every DCNv3 starts on, to either side of the pixel, so its
 offset gradient there flips between the left and the right derivative.)
@@ -37,7 +37,7 @@ def sampling_points(kernel_size: Sequence[int], remove_center: bool) -> list[tup
 
 
 def output_size(in_size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
-    """SPEC §4: H_out = (H_in + 2·pad − (dil·(k−1) + 1)) / stride + 1."""
+    """docs/model.md §4: H_out = (H_in + 2·pad − (dil·(k−1) + 1)) / stride + 1."""
     return (in_size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
 
 
@@ -118,7 +118,7 @@ def dcnv3_core_reference(value: Tensor, offset: Tensor, mask: Tensor, kernel_siz
     loc_x = base_x.view(1, 1, w_out, 1, 1) + (grid_x + offset[..., 0]) * offset_scale
     loc_y = base_y.view(1, h_out, 1, 1, 1) + (grid_y + offset[..., 1]) * offset_scale
 
-    # A point at loc <= -1 or >= size contributes nothing (SPEC §4). Its weight is mask · inside
+    # A point at loc <= -1 or >= size contributes nothing (docs/model.md §4). Its weight is mask · inside
     # (not a select), so a non-finite mask there still turns the output into NaN, as does a
     # non-finite location (NaN bilinear weights times the zero corner values): a diverged offset or
     # mask must not hide behind a finite loss. The fused kernels reproduce this arithmetic.

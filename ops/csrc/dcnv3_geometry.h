@@ -1,4 +1,4 @@
-// DCNv3 sampling geometry (SPEC §4), shared by the CPU and CUDA kernels.
+// DCNv3 sampling geometry (docs/model.md §4), shared by the CPU and CUDA kernels.
 //
 // Plain C++ that also compiles under nvcc: no torch headers here, so the CUDA kernels stay
 // buildable with nvcc alone.
@@ -166,7 +166,7 @@ DCNV3_HOST_DEVICE PointGradients<acc_t> point_gradients_from_dots(const Footprin
 }
 
 // Location (in pixels of the unpadded input) of point p of output pixel (h_out, w_out) moved by
-// (dx, dy), as SPEC §4 writes it; offset_scale scales the kernel grid together with the offset.
+// (dx, dy), as docs/model.md §4 writes it; offset_scale scales the kernel grid together with the offset.
 // 32-bit index math throughout: these are small numbers, and 64-bit division is slow on GPUs.
 template <typename acc_t>
 DCNV3_HOST_DEVICE Footprint<acc_t> footprint(const Shape& s, int h_out, int w_out, int p, acc_t dx,

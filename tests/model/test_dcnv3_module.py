@@ -1,5 +1,5 @@
 """The DCNv3 module hands the op its mask logits (softmaxed inside the op): same outputs and
-gradients as softmaxing them first, the formulation of SPEC §3."""
+gradients as softmaxing them first, the formulation of docs/model.md §3."""
 import torch
 
 from internimage.model import DCNv3

@@ -1,4 +1,4 @@
-"""Shared helpers for the DCNv3 operator tests: random problems in SPEC §4's layout."""
+"""Shared helpers for the DCNv3 operator tests: random problems in docs/model.md §4's layout."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -71,7 +71,7 @@ def require_cpu_kernel():
 
 
 class TinyDCNv3Block(torch.nn.Module):
-    """A DCNv3 module as SPEC §3 writes it (no centre feature scale), built here so the op's tests
+    """A DCNv3 module as docs/model.md §3 writes it (no centre feature scale), built here so the op's tests
     do not depend on the model package; offsets and mask get random weights so sampling moves."""
 
     def __init__(self, channels: int = 16, groups: int = 2):

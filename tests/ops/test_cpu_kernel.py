@@ -1,4 +1,4 @@
-"""The fused CPU kernel computes SPEC §4 exactly as the reference does: forward and all three
+"""The fused CPU kernel computes docs/model.md §4 exactly as the reference does: forward and all three
 gradients, in fp64 to 1e-10 and in fp32 to float rounding, over the operator's whole parameter
 space."""
 import zlib
