@@ -190,7 +190,8 @@ def pick_candidates(spec: str) -> dict[str, tuple[str, ...]]:
 
 
 def time_candidates(kernels, shapes: list[BenchShape], dtypes: list[torch.dtype], device: str, repeats: int,
-                    chosen: dict[str, tuple[str, ...]], bandwidth_gbs: float, dcnv4=None, warmup: int = 2) -> list[dict]:
+                    chosen: dict[str, tuple[str, ...]], bandwidth_gbs: float, dcnv4=None,
+                    warmup: int = 2) -> list[dict]:
     """Per shape and dtype: each candidate's forward and backward median (ms) through the extension
     module ``kernels`` (the CUDA one, or the emulated one on the CPU), called as the model calls it
     (mask logits, softmax inside the op), the largest difference of its result from the first
@@ -296,9 +297,12 @@ def format_table(results: list[dict]) -> str:
             f"{'x ref f+b':>8} | {'dcnv4 f/b ms':>15} | {'x dcnv4 f/b':>11} | {'GB/s f/b':>11} | "
             f"{'floor f/b ms':>15} | {'/floor f/b':>10}")
     lines = [head, "-" * len(head)]
+
+    def pair(a, b):
+        return f"{a:7.3f}/{b:7.3f}"
+
     for r in results:
         ms = r["ms"]
-        pair = lambda a, b: f"{a:7.3f}/{b:7.3f}"
         ref = pair(ms["ref_fwd"], ms["ref_bwd"]) if "ref_fwd" in ms else "-"
         v4 = pair(ms["dcnv4_fwd"], ms["dcnv4_bwd"]) if "dcnv4_fwd" in ms else "-"
         v4x = (f"{r['speedup_vs_dcnv4_fwd']:5.2f}/{r['speedup_vs_dcnv4_bwd']:5.2f}"
