@@ -14,7 +14,8 @@ from internimage.data.faults import SkipCounter
 from internimage.data.shards import iter_samples
 from internimage.data.sources import SourceReader, SourceShards
 
-from data_cases import jpeg_bytes, write_caption_shards
+from tests.data.data_cases import jpeg_bytes, write_caption_shards
+from tests.paths import REPO
 
 MEMORY_LIMIT = 1536 << 20  # address space of the whole process, torch included (~650 MiB)
 
@@ -23,7 +24,7 @@ BOMB_RUN = textwrap.dedent("""
     resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[2]), int(sys.argv[2])))
     sys.path.insert(0, sys.argv[3])
     from internimage.data import SourceConfig, build_train_loader
-    from data_cases import small_config, take
+    from tests.data.data_cases import small_config, take
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     cfg = small_config([SourceConfig("laion", sys.argv[1], kind="caption")], epoch_samples=8,
@@ -54,7 +55,7 @@ def test_a_gzip_bomb_caption_is_skipped_unread_under_a_memory_limit(tmp_path):
     write_gzip_bomb(shard, 100 << 20)
     assert os.path.getsize(shard) < 1 << 20
     run = subprocess.run([sys.executable, "-c", BOMB_RUN, shard, str(MEMORY_LIMIT),
-                          os.path.dirname(__file__)], capture_output=True, text=True, timeout=120)
+                          REPO], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["skips"]["oversized"] == 1

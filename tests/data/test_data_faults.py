@@ -12,7 +12,7 @@ from internimage.data.faults import SkipCounter
 from internimage.data.shards import iter_samples
 from internimage.data.writer import Sample, ShardWriter
 
-from data_cases import jpeg_bytes, small_config, take
+from tests.data.data_cases import jpeg_bytes, small_config, take
 
 
 class WritesMarkerWhenUnpickled:

@@ -13,7 +13,7 @@ from internimage.data.faults import SkipCounter
 from internimage.data.shards import expand_shards, iter_samples
 from internimage.data.write_shards import main as write_shards
 
-from data_cases import small_config, take
+from tests.data.data_cases import small_config, take
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from internimage.data import SourceConfig, build_eval_loader
 from internimage.data.writer import Sample, ShardWriter
 
-from data_cases import jpeg_bytes, small_config
+from tests.data.data_cases import jpeg_bytes, small_config
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,6 @@ def test_shards_without_index_and_corrupt_samples_keep_counts(tmp_path):
             writer.write(Sample(f"k{i}", image, "jpg", label=i))
     os.remove(tmp_path / "val-index.json")
     per_rank = run_ranks(str(tmp_path / "val-000000.tar"), world_size=2, workers=0)
-    valid = [l for batches in per_rank for b in batches for l in b["label"][b["valid"]].tolist()]
+    valid = [label for batches in per_rank for b in batches for label in b["label"][b["valid"]].tolist()]
     assert sorted(valid) == [0, 1, 3, 4, 5]
     assert {len(batches) for batches in per_rank} == {1}

@@ -10,7 +10,7 @@ from PIL import EpsImagePlugin, Image
 from internimage.data import SourceConfig, build_eval_loader, build_train_loader
 from internimage.data.decode import EncodedImage
 
-from data_cases import class_members, jpeg_bytes, small_config, take, write_tar
+from tests.data.data_cases import class_members, jpeg_bytes, small_config, take, write_tar
 
 BEYOND_INT64 = b"99999999999999999999999"
 

@@ -15,7 +15,7 @@ from internimage.data.faults import SkipCounter
 from internimage.data.shards import iter_samples
 from internimage.data.writer import Sample, ShardWriter
 
-from data_cases import small_config, take, write_class_shards
+from tests.data.data_cases import small_config, take, write_class_shards
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from internimage.data.shards import (expand_shards, iter_samples, read_sample_co
                                      shard_sample_counts, split_member_name)
 from internimage.data.writer import Sample, ShardWriter
 
-from data_cases import jpeg_bytes
+from tests.data.data_cases import jpeg_bytes
 
 
 def read_all(pattern: str) -> list:
@@ -131,7 +131,7 @@ def test_writer_rejects_prefix_with_dash(tmp_path):
 
 def test_a_source_reads_the_member_keys_it_names(tmp_path):
     from internimage.data import SourceConfig, build_train_loader
-    from data_cases import small_config, take, write_tar
+    from tests.data.data_cases import small_config, take, write_tar
 
     members = []
     for i in range(6):  # open_clip-style custom keys, plus a .txt that must not be used
@@ -170,7 +170,7 @@ def img2dataset_layout(folder, sizes: list[int]) -> str:
 
 def test_img2dataset_stats_and_open_clip_sizes_set_the_epoch_length(tmp_path):
     from internimage.data import SourceConfig, build_train_loader
-    from data_cases import small_config
+    from tests.data.data_cases import small_config
 
     (tmp_path / "a").mkdir()
     pattern = img2dataset_layout(tmp_path / "a", [3, 5])

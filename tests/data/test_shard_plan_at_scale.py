@@ -12,7 +12,7 @@ from internimage.data.shards import expand_shards
 from internimage.data.sources import worker_assignment
 from internimage.data.stream import Layout, SlotBuilder, TrainStream
 
-from data_cases import small_config
+from tests.data.data_cases import small_config
 
 RANKS, WORKERS = 1024, 8
 LAION = "https://laion.example/laion5b-{000000..230999}.tar"

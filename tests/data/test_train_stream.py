@@ -8,7 +8,7 @@ import torch
 from internimage.data import SourceConfig, build_train_loader
 from internimage.data.sources import worker_assignment, worker_shards
 
-from data_cases import small_config, take, write_caption_shards, write_class_shards
+from tests.data.data_cases import small_config, take, write_caption_shards, write_class_shards
 
 
 @pytest.fixture(scope="module")

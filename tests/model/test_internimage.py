@@ -4,7 +4,7 @@ import torch
 
 from internimage.model import create_model, list_models
 
-from conftest import ALL_VARIANTS, PARAMETERS, reduced_overrides, reference_shapes
+from tests.model.model_cases import ALL_VARIANTS, PARAMETERS, reduced_overrides, reference_shapes
 
 
 def on_meta(name, **kwargs):

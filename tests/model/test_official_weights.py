@@ -6,7 +6,7 @@ import torch
 
 from internimage.model import create_model, extract_state_dict, load_pretrained
 
-from conftest import ALL_VARIANTS, reduced_overrides, reduced_reference_shapes
+from tests.model.model_cases import ALL_VARIANTS, reduced_overrides, reduced_reference_shapes
 
 
 def official_checkpoint(name: str, num_classes: int = 1000, seed: int = 0) -> dict[str, torch.Tensor]:

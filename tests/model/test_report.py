@@ -7,7 +7,7 @@ import torch
 from internimage.model import DCNv3, create_model, model_report
 from internimage.model.report import main, report_for, zero_stride_weights
 
-from conftest import PARAMETERS
+from tests.model.model_cases import PARAMETERS
 
 
 def test_dcnv3_core_counts_five_multiply_adds_per_output_channel_per_point():

@@ -1,6 +1,6 @@
 """Run under the deepspeed launcher with 2 CPU processes; compares ZeRO-3 against plain PyTorch.
 
-    deepspeed --num_gpus 2 --no_local_rank tests/pretrain/ds_checks.py OUT_DIR
+    deepspeed --num_gpus 2 --no_local_rank --module tests.pretrain.ds_checks OUT_DIR   (from the repository root)
 
 Writes OUT_DIR/rank{r}.json with, per check, the largest deviation from the plain reference:
   llrd_ratio_error  per element, (ZeRO-3 update with LLRD + DCN groups) / (update with one LR)
@@ -27,8 +27,8 @@ from internimage.pretrain.ema import ShardedEMA
 from internimage.pretrain.engine import build_engine, build_module
 from internimage.pretrain.objectives import clip_loss
 from internimage.pretrain.optim import set_lr
+from tests.paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["deepspeed.precision=fp32", "optim.grad_clip=0", "model.dcn_reference=true",
         "model.arch={channels: 8, depths: [1, 1, 1, 1], groups: [1, 1, 2, 2]}"]
 

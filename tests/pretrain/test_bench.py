@@ -102,6 +102,7 @@ print(json.dumps({"oom": [r.get("oom", False) for r in results],
 """
 
 
+@pytest.mark.multiprocess
 def test_an_engine_is_freed_after_its_run_and_after_running_out_of_memory(tmp_path):
     """A probe's engine that outlived it would shrink every later probe of a max search. DeepSpeed
     keeps modules in a global stack, and an exception inside a forward leaves more there."""

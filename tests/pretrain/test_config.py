@@ -5,8 +5,8 @@ import os
 import pytest
 
 from internimage.pretrain.config import ConfigError, PretrainConfig, load_config, save_config
+from tests.paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, "configs", "demo.yaml")
 
 

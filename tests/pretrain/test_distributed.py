@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from internimage.pretrain import distributed
-from pretrain_helpers import REPO, cpu_env, free_port
+from tests.pretrain.pretrain_helpers import REPO, cpu_env, free_port
 
 PACKAGE_DIRS = ("model", "ops", "data", "pretrain")
 
@@ -102,6 +102,7 @@ def _collective_check(rank, world, port, results):
     dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_control_plane_results_over_two_ranks():
     results = mp.Manager().dict()
     mp.spawn(_collective_check, args=(2, free_port(), results), nprocs=2)

@@ -13,7 +13,7 @@ from internimage.pretrain.config import ConfigError
 from internimage.pretrain.checkpoint import export_weights
 from internimage.pretrain.finetuning import load_finetune_config, prepare_stage_weights, stage_config
 
-from pretrain_helpers import REPO, cpu_env, deepspeed_cmd, free_port, run, tail
+from tests.pretrain.pretrain_helpers import REPO, cpu_env, deepspeed_cmd, free_port, run, tail
 
 DEMO_ARCH = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))
 
@@ -40,6 +40,7 @@ def finetune_args(source: str, run_dir: str, demo_data: str) -> list[str]:
             "eval.max_batches=2", "logging.progress_bar=false", *data_overrides(demo_data)]
 
 
+@pytest.mark.multiprocess
 def test_two_stages_resume_inside_stage_two_after_a_kill(pretraining_run, demo_data, tmp_path):
     run_dir = str(tmp_path / "finetune")
     cmd = deepspeed_cmd(2, "--module", "internimage.pretrain.finetune",

@@ -13,7 +13,9 @@ import psutil
 import pytest
 import torch
 
-from pretrain_helpers import REPO, cpu_env, deepspeed_cmd, free_port, run, tail
+from tests.pretrain.pretrain_helpers import REPO, cpu_env, deepspeed_cmd, free_port, run, tail
+
+pytestmark = pytest.mark.multiprocess  # every test here starts a real 2-rank process group
 
 STEPS = 6
 
@@ -298,7 +300,7 @@ def test_consecutive_non_finite_losses_stop_with_an_error_naming_the_step(demo_d
 
 def test_inf_in_one_gradient_skips_the_step_and_keeps_weights_ema_and_checkpoint_finite(demo_data, tmp_path):
     run_dir = str(tmp_path / "inf_gradient")
-    cmd = deepspeed_cmd(2, "tests/pretrain/inf_gradient_run.py", "configs/demo.yaml",
+    cmd = deepspeed_cmd(2, "--module", "tests.pretrain.inf_gradient_run", "configs/demo.yaml",
                         *_overrides(demo_data, run_dir, **{"eval.at_end": "false"}))
     result = run(cmd, INF_AT_STEP=3)
     assert result.returncode == 0, tail(result)

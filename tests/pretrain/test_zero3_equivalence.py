@@ -7,13 +7,15 @@ import os
 
 import pytest
 
-from pretrain_helpers import deepspeed_cmd, run, tail
+from tests.pretrain.pretrain_helpers import deepspeed_cmd, run, tail
+
+pytestmark = pytest.mark.multiprocess  # every test here starts a real 2-rank process group
 
 
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds_checks")
-    result = run(deepspeed_cmd(2, "tests/pretrain/ds_checks.py", str(out)))
+    result = run(deepspeed_cmd(2, "--module", "tests.pretrain.ds_checks", str(out)))
     assert result.returncode == 0, tail(result)
     ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
     assert ranks[0].keys() == ranks[1].keys()

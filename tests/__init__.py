@@ -1,0 +1,2 @@
+"""The test suite, one folder per package (data, model, ops, pretrain); helpers are imported as
+``tests.<folder>.<module>``."""
