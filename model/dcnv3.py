@@ -1,4 +1,4 @@
-"""The DCNv3 module (SPEC §3): projections, offset/mask branch and centre feature scale around the core."""
+"""The DCNv3 module (docs/model.md §3): projections, offset/mask branch, centre feature scale."""
 from __future__ import annotations
 
 import torch
@@ -49,7 +49,7 @@ class DCNv3(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Regular grid and uniform mask at start; xavier projections (SPEC §2)."""
+        """Regular grid and uniform mask at start; xavier projections (docs/model.md §2)."""
         for linear in (self.offset, self.mask):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
