@@ -1,7 +1,7 @@
 """Which CUDA kernel candidate runs each DCNv3 call.
 
 Each direction has several kernel designs ("candidates", ``ops/csrc/dcnv3_cuda_kernels.cuh``;
-their expected bytes, atomics and occupancy in ``ops/bench_results/NOTES.md``), all computing the
+their expected bytes, atomics and occupancy in ``docs/benchmarks/ops/NOTES.md``), all computing the
 same result. ``candidate_table.TABLE`` maps direction × dtype × shape class to one of them; it is
 checked once at import, so a measurement (``python -m internimage.ops.bench --candidates all``)
 changes one entry. ``INTERNIMAGE_DCNV3_CUDA_KERNELS`` overrides the table for experiments: one

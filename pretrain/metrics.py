@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .distributed import compute_device
+from .files import atomic_write_text
 
 __all__ = ["MetricsWriter", "ProgressLine", "device_memory_stats", "device_peak_tflops",
            "peak_memory_gib", "peak_tflops_of", "reset_peak_memory", "train_tflops_per_image"]
@@ -97,18 +98,27 @@ def reset_peak_memory() -> None:
 
 
 class MetricsWriter:
-    """Writes scalars to ``RUN_DIR/metrics.jsonl`` and TensorBoard (``RUN_DIR/tensorboard``)."""
+    """Writes scalars to ``RUN_DIR/metrics.jsonl`` and TensorBoard (``RUN_DIR/tensorboard``).
 
-    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool):
+    ``resumed_at``: the step the run continues from. Records written after it by the interrupted
+    run are dropped from both, so a resumed run's curves have each step once.
+    """
+
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, resumed_at: int = 0):
         self.enabled = enabled
         self.tb = None
         self.file = None
         if not enabled:
             return
-        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if resumed_at and os.path.exists(path):
+            _drop_records_after(path, resumed_at)
+        self.file = open(path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            # purge_step: TensorBoard hides the events at and after it from the earlier run.
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                                    purge_step=resumed_at + 1 if resumed_at else None)
 
     def write(self, step: int, scalars: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:
@@ -127,6 +137,13 @@ class MetricsWriter:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """Rewrites ``path`` (JSON lines) without the records of steps after ``step``."""
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(kept))
 
 
 def _plain(value: Any) -> Any:

@@ -101,7 +101,8 @@ class Trainer:
         self.warmup_steps = cfg.schedule.warmup_steps if cfg.schedule.warmup_steps is not None \
             else round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
         self.peak_lr = scaled_lr(cfg, self.world)
-        self.metrics = MetricsWriter(cfg.run_dir, self.is_main, cfg.logging.tensorboard)
+        self.metrics = MetricsWriter(cfg.run_dir, self.is_main, cfg.logging.tensorboard,
+                                     resumed_at=self.progress.step)
         self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
 
     # -- set-up helpers ----------------------------------------------------------------------

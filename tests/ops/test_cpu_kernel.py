@@ -8,8 +8,8 @@ import torch
 
 from internimage import ops
 
-from ops_cases import (NON_FINITE_CASES, NON_FINITE_PROBLEM, PROBLEMS, Problem, assert_same_non_finite,
-                        non_finite_inputs, require_cpu_kernel)
+from tests.ops.ops_cases import (NON_FINITE_CASES, NON_FINITE_PROBLEM, PROBLEMS, Problem,
+                                 assert_same_non_finite, non_finite_inputs, require_cpu_kernel)
 
 
 

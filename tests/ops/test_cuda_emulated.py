@@ -17,8 +17,10 @@ import torch
 from internimage import ops
 from internimage.ops import extension
 
-from ops_cases import (NON_FINITE_CASES, NON_FINITE_PROBLEM, PROBLEMS, Problem, assert_same_non_finite,
-                        non_finite_inputs)
+from tests.ops.ops_cases import (NON_FINITE_CASES, NON_FINITE_PROBLEM, PROBLEMS, Problem,
+                                 assert_same_non_finite, non_finite_inputs)
+
+pytestmark = pytest.mark.slow  # builds the CUDA source as C++ and runs every candidate
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "ops" / "csrc"

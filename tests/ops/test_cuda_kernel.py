@@ -10,10 +10,10 @@ import torch
 from internimage import ops
 from internimage.ops import extension
 
-from ops_cases import (NON_FINITE_CASES, NON_FINITE_PROBLEM, PROBLEMS, Problem, assert_same_non_finite,
-                        non_finite_inputs)
+from tests.ops.ops_cases import (NON_FINITE_CASES, NON_FINITE_PROBLEM, PROBLEMS, Problem,
+                                 assert_same_non_finite, non_finite_inputs)
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 
 

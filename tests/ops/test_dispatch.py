@@ -5,7 +5,7 @@ import torch
 
 from internimage import ops
 
-from ops_cases import Problem, TinyDCNv3Block, require_cpu_kernel
+from tests.ops.ops_cases import Problem, TinyDCNv3Block, require_cpu_kernel
 
 
 def _inputs(problem=Problem(), dtype=torch.float32):

@@ -1,5 +1,5 @@
 """The device check's closing table: which bench results become rows, and what a row says."""
-from internimage.pretrain.device_report import format_row, known_gmacs, timed_rows
+from tools.gpu_report import format_row, known_gmacs, timed_rows
 
 
 def _row(model, micro_batch, checkpointing=True, **extra):

@@ -314,3 +314,20 @@ def test_inf_in_one_gradient_skips_the_step_and_keeps_weights_ema_and_checkpoint
     for ema in (False, True):
         weights = _weights(run_dir, ema=ema)
         assert all(torch.isfinite(v.float()).all() for v in weights.values()), f"ema={ema}"
+
+
+def test_a_resumed_run_logs_each_step_once(reference_run, tmp_path):
+    """Resuming rewinds the metrics too: what the interrupted run logged after the checkpoint it
+    resumes from is dropped (JSON lines and TensorBoard), so every step appears once."""
+    import shutil
+    run_dir = str(tmp_path / "rewound")
+    shutil.copytree(reference_run, run_dir)
+    cfg = json.load(open(os.path.join(run_dir, "checkpoints", "step_00000004", "trainer_state.json")))["config"]
+    overrides = [o for o in _overrides("unused", run_dir) if not o.startswith("data.")]
+    overrides += [f"data.train_sources.0.shards={cfg['data']['train_sources'][0]['shards']}",
+                  f"data.val_shards={cfg['data']['val_shards']}",
+                  f"resume={run_dir}/checkpoints/step_00000004", "eval.at_end=false"]
+    result = run(deepspeed_cmd(2, "--module", "internimage.pretrain.train", "configs/demo.yaml", *overrides))
+    assert result.returncode == 0, tail(result)
+    train, _ = _train_metrics(run_dir)
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))

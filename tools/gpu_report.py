@@ -1,7 +1,7 @@
-"""The table that ends ``pretrain/device_check.sh``: its training benchmarks beside the data loader.
+"""The table that ends ``tools/gpu_check_training.sh``: its training benchmarks beside the data loader.
 
-    python3 -m internimage.pretrain.device_report OUT                 # the table
-    python3 -m internimage.pretrain.device_report OUT --gmacs MODEL IMG   # its count, if made
+    python3 tools/gpu_report.py OUT                       # the table
+    python3 tools/gpu_report.py OUT --gmacs MODEL IMG     # its count, if made
 
 Reads ``OUT/bench.jsonl`` (the JSON lines of ``internimage.pretrain.bench``) and
 ``OUT/data_bench.json`` (``internimage.data.bench``). One row per timed run: images/s, MFU, peak

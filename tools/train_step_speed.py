@@ -1,9 +1,8 @@
 """Times one InternImage-T training step on the CPU with the fused op and with the reference.
 
-Not a test (numbers, not assertions; pytest does not collect it). It lives beside the op's tests
-because it needs the model, which ``internimage.ops`` must not import.
+Numbers, not assertions: a tool. It needs the model, which ``internimage.ops`` must not import.
 
-    python tests/ops/train_step_speed.py [batch]      (default 4, 224², AdamW, cross-entropy)
+    python tools/train_step_speed.py [batch]      (default 4, 224², AdamW, cross-entropy)
 """
 import statistics
 import sys

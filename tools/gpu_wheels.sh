@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Regenerates .whl/: the wheels the lent GPU machine lacks (it has no package index) for
-# pretrain/device_check.sh, for CPython 3.12 manylinux x86_64. Versions are the dev venv's (tested).
+# tools/gpu_check_training.sh, for CPython 3.12 manylinux x86_64. Versions are the dev venv's (tested).
 # The machine already has torch, numpy, pyyaml, pillow, tqdm, packaging, psutil, py-cpuinfo, msgpack,
 # ninja, einops, tabulate, portalocker, typing-extensions, nvidia-ml-py, tensorboard, scikit-learn
 # (/work/.library/device/KINDS.md); the check at the end fails when a wheel needs anything else.
-#   bash pretrain/device_wheels.sh        (from the repository root, with network to PyPI)
+#   bash tools/gpu_wheels.sh        (from the repository root, with network to PyPI)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 WHEELS=.whl

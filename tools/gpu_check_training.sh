@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The pretraining checks of one lent-GPU call (about 9 minutes on one H100); logs and JSON in $OUT.
 # Stages, in the order of STAGES (default all, in this order):
-#   wheels  the carried .whl/ (made by pretrain/device_wheels.sh) into /tmp/site, unless they import
-#   build   our DCNv3 kernels and JPEG decoder in place (as ops/device_check.sh does), and beside it
+#   wheels  the carried .whl/ (made by tools/gpu_wheels.sh) into /tmp/site, unless they import
+#   build   our DCNv3 kernels and JPEG decoder in place unless installed (as tools/gpu_check_ops.sh), and
 #           DeepSpeed's FusedAdam by JIT, so no timed stage pays for it
 #   t       pretrain bench: InternImage-T at IMG px, micro-batches T_BATCHES, checkpointing off and on
 #   train   the demo pretraining through launch/pretrain.sh, shortened: the GPU training path end to
@@ -14,8 +14,8 @@
 # Each stage runs under `timeout`, capped by what is left of BUDGET_S (seconds for the whole call),
 # and is skipped when less than MIN_STAGE_S is left. Printed last: a table of images/s, MFU, peak
 # memory and the CPU cores the loader needs to keep up.
-#   device:     bash pretrain/device_check.sh                 (carry .whl; run timeout 600 s)
-#   CPU smoke:  DEVICE_CHECK_SMOKE=1 OUT=/tmp/devcheck bash pretrain/device_check.sh
+#   device:     bash tools/gpu_check_training.sh                 (carry .whl; run timeout 600 s)
+#   CPU smoke:  DEVICE_CHECK_SMOKE=1 OUT=/tmp/devcheck bash tools/gpu_check_training.sh
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 OUT=${OUT:-device_out}
@@ -78,8 +78,12 @@ build() {
   python3 -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load(verbose=True)" \
     > /tmp/fused_adam.log 2>&1 &
   local fused_adam=$!
-  timeout 300 python3 setup.py build_ext --inplace >> "$OUT/setup.log" 2>&1
-  note "build: ours rc=$? at $(elapsed) s"
+  if [ "$GPU_CHECK_BUILD" = 1 ]; then
+    timeout 300 python3 setup.py build_ext --inplace >> "$OUT/setup.log" 2>&1
+    note "build: ours rc=$? at $(elapsed) s"
+  else
+    note "build: the installed internimage package"
+  fi
   wait $fused_adam
   note "build: DeepSpeed FusedAdam rc=$? at $(elapsed) s"
   cat /tmp/fused_adam.log >> "$OUT/setup.log"
@@ -98,7 +102,7 @@ bench_t() {
 # bench_h on|off CAP_S: the max search; a second one reuses the first one's multiply-add count.
 bench_h() {
   local gmacs
-  gmacs=$(python3 -m internimage.pretrain.device_report "$OUT" --gmacs "$H_MODEL" "$IMG")
+  gmacs=$(python3 tools/gpu_report.py "$OUT" --gmacs "$H_MODEL" "$IMG")
   stage "h_$1" "$2" "$OUT/bench.log" "${BENCH[@]}" --steps "$H_STEPS" --warmup "$H_WARMUP" \
     --model "$H_MODEL" --micro-batch max --max-start "$H_START" --max-limit "$H_LIMIT" \
     --checkpointing "$1" ${gmacs:+--gmacs "$gmacs"}
@@ -117,8 +121,8 @@ data_bench() {
   stage data 90 "$SUMMARY" python3 -m internimage.data.bench $DATA_ARGS --json "$OUT/data_bench.json"
 }
 
-# shellcheck source=ops/device_shim.sh
-source ops/device_shim.sh
+# shellcheck source=tools/gpu_shim.sh
+source tools/gpu_shim.sh
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, sys; print(sys.version); print(torch.__version__, torch.version.cuda)"
@@ -137,5 +141,5 @@ for name in $STAGES; do
   esac
   grep -h '^{' "$OUT/bench.log" > "$OUT/bench.jsonl" 2> /dev/null
 done
-python3 -m internimage.pretrain.device_report "$OUT" | tee -a "$SUMMARY"
+python3 tools/gpu_report.py "$OUT" | tee -a "$SUMMARY"
 echo "done at $(elapsed) s; in $OUT:" "$OUT"/*
