@@ -266,12 +266,17 @@ def run_candidates(args, device: str) -> list[dict]:
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (CUDA emulation)",
            "torch": torch.__version__, "copy_bandwidth_gbs": bandwidth, "repeats": repeats,
            "dcnv4": dcnv4_error or "timed", "candidates": chosen, "table": candidates.TABLE}
-    print(f"# {env}")
-    print(format_candidates(results))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"environment": env, "candidates": results}, handle, indent=1)
+    _report(env, format_candidates(results), args.json, {"candidates": results})
     return results
+
+
+def _report(env: dict, table: str, json_path: str | None, payload: dict) -> None:
+    """Prints the environment and the table; saves both as JSON when ``json_path`` is given."""
+    print(f"# {env}")
+    print(table)
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump({"environment": env, **payload}, handle, indent=1)
 
 
 def summarise(row: Row, bandwidth_gbs: float) -> dict:
@@ -352,11 +357,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype),
            "copy_bandwidth_gbs": bandwidth, "dcnv4": dcnv4_error or "timed", "repeats": repeats}
-    print(f"# {env}")
-    print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"environment": env, "results": results}, handle, indent=1)
+    _report(env, format_table(results), args.json, {"results": results})
     return results
 
 
