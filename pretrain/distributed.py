@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from datetime import timedelta
 from typing import Sequence
@@ -71,11 +72,16 @@ def init_distributed(precision: str, timeout_s: float | None = None) -> bool:
     return True
 
 
-def init_single_process(port: int = 29533) -> None:
-    """A one-rank process group for tools run without the launcher (benchmarks)."""
+def init_single_process() -> None:
+    """A one-rank process group for tools run without the launcher (benchmarks), on a free port
+    unless MASTER_PORT says otherwise (two benchmarks on one node must not collide)."""
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+                       ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
     init_distributed("bf16")
 
 
