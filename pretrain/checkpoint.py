@@ -6,10 +6,15 @@ Layout of ``RUN_DIR/checkpoints/``::
     step_00000100/              DeepSpeed's sharded files (zero_pp_rank_*, *_optim_states.pt)
         trainer_state.json      step, samples, world size, counters, resolved config (rank 0)
         rank_00000.pt ...       per rank: data-loader state, RNG states, EMA shard
+        COMPLETE                the completion marker: written last, once every rank wrote everything
     step_00000100_universal/    made on demand to resume at another world size
 
 ``latest`` is replaced (write + rename) only after a barrier that every rank reaches after
-writing all its files, so a crash or kill mid-save leaves ``latest`` on the previous checkpoint.
+writing all its files, and after the ``COMPLETE`` marker, so a crash or kill mid-save leaves
+``latest`` on the previous checkpoint. Should ``latest`` be lost (missing, empty, naming a missing
+folder), ``resume=auto`` continues from the newest folder with the marker, with a warning, and never
+starts from step 0 while one exists. A folder without the marker is a crash's leftover: it is
+cleaned before its tag is written again and never counts towards ``keep_last``.
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ __all__ = ["ResumePoint", "checkpoint_root", "consolidated_weights", "ema_shards
 
 
 TRAINER_STATE = "trainer_state.json"
+COMPLETE = "COMPLETE"  # the completion marker, written last
+FORMAT = 2  # in trainer_state.json; absent from checkpoints written before completion markers
 _TAG = re.compile(r"^step_(\d+)$")
 
 
@@ -49,6 +56,50 @@ def step_tag(step: int) -> str:
 
 def _rank_file(tag_dir: str, rank: int) -> str:
     return os.path.join(tag_dir, f"rank_{rank:05d}.pt")
+
+
+def _has_marker(tag_dir: str) -> bool:
+    return os.path.isfile(os.path.join(tag_dir, COMPLETE))
+
+
+def _legacy_complete(tag_dir: str) -> bool:
+    """A folder written before completion markers existed (no ``format`` in its trainer state) that
+    holds its trainer state and every rank file."""
+    try:
+        with open(os.path.join(tag_dir, TRAINER_STATE)) as f:
+            state = json.load(f)
+        world = int(state["world_size"])
+    except (OSError, ValueError, KeyError):
+        return False
+    if "format" in state:  # written by a save with markers, which never finished
+        return False
+    return all(os.path.isfile(_rank_file(tag_dir, r)) for r in range(world))
+
+
+def _step_dirs(root: str) -> list[int]:
+    """The steps of the ``step_N`` folders under ``root``, ascending."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(m.group(1)) for d in os.listdir(root)
+                  if (m := _TAG.match(d)) and os.path.isdir(os.path.join(root, d)))
+
+
+def _complete_steps(root: str) -> list[int]:
+    """The steps of the complete checkpoints under ``root``, ascending: those with the completion
+    marker, and those older than every marked one that hold all their files (written before markers
+    existed). A crash's partial folder is newer than the last marked one, so it never counts."""
+    steps = _step_dirs(root)
+    marked = [s for s in steps if _has_marker(os.path.join(root, step_tag(s)))]
+    first_marked = marked[0] if marked else float("inf")
+    legacy = [s for s in steps if s < first_marked and _legacy_complete(os.path.join(root, step_tag(s)))]
+    return sorted(legacy + marked)
+
+
+def _is_complete(root: str, tag: str) -> bool:
+    m = _TAG.match(tag)
+    if not m:  # a folder named otherwise (copied, renamed): its own files decide
+        return _has_marker(os.path.join(root, tag)) or _legacy_complete(os.path.join(root, tag))
+    return int(m.group(1)) in _complete_steps(root)
 
 
 def _fault_point(name: str, tag: str) -> None:
@@ -69,13 +120,18 @@ def save_checkpoint(engine: Any, root: str, run_state: RunState, rank_state: Ran
     tag = step_tag(run_state.step)
     tag_dir = os.path.join(root, tag)
     rank = this_rank()
+    if rank == 0 and os.path.isdir(tag_dir) and not _has_marker(tag_dir):
+        shutil.rmtree(tag_dir)  # a crash's partial folder: nothing of it may mix with this save
+    barrier()
     engine.save_checkpoint(root, tag=tag, save_latest=False)
     atomic_torch_save(rank_state.to_dict(), _rank_file(tag_dir, rank))
     if rank == 0:
-        atomic_write_json(os.path.join(tag_dir, TRAINER_STATE), run_state.to_json())
+        atomic_write_json(os.path.join(tag_dir, TRAINER_STATE), {**run_state.to_json(), "format": FORMAT})
     _fault_point("save", tag)
     barrier()  # every rank has written everything: only now may latest move
     if rank == 0:
+        atomic_write_json(os.path.join(tag_dir, COMPLETE), {"step": run_state.step,
+                                                            "world_size": run_state.world_size})
         atomic_write_text(os.path.join(root, "latest"), tag)
         _prune(root, keep_last, current=tag)
     barrier()
@@ -83,8 +139,11 @@ def save_checkpoint(engine: Any, root: str, run_state: RunState, rank_state: Ran
 
 
 def _prune(root: str, keep_last: int, current: str) -> None:
-    steps = sorted(int(m.group(1)) for d in os.listdir(root) if (m := _TAG.match(d)))
-    keep = {step_tag(s) for s in steps[-keep_last:]} | {current}
+    """Keeps the newest ``keep_last`` complete checkpoints (and ``current``); removes the rest and
+    every partial folder a crash left."""
+    steps = _step_dirs(root)
+    complete = _complete_steps(root)
+    keep = {step_tag(s) for s in complete[-keep_last:]} | {current}
     for s in steps:
         if step_tag(s) not in keep:
             shutil.rmtree(os.path.join(root, step_tag(s)), ignore_errors=True)
@@ -116,12 +175,29 @@ def _read_latest(root: str) -> str | None:
 
 
 def _point(root: str, tag: str) -> ResumePoint:
-    state_path = os.path.join(root, tag, TRAINER_STATE)
-    if not os.path.isfile(state_path):
-        raise ConfigError(f"Checkpoint '{os.path.join(root, tag)}' is incomplete (no {TRAINER_STATE}); "
-                          "pick another with resume=PATH.")
+    tag_dir = os.path.join(root, tag)
+    state_path = os.path.join(tag_dir, TRAINER_STATE)
+    if not os.path.isfile(state_path) or not _is_complete(root, tag):
+        raise ConfigError(f"Checkpoint '{tag_dir}' is incomplete (no {COMPLETE} marker: a save was "
+                          "cut short); pick another with resume=PATH.")
     with open(state_path) as f:
         return ResumePoint(root, tag, RunState.from_json(json.load(f)))
+
+
+def _latest_point(root: str) -> ResumePoint | None:
+    """What ``latest`` names when that is complete; else, with a warning, the newest complete
+    checkpoint; None only when ``root`` holds no complete checkpoint."""
+    tag = _read_latest(root)
+    if tag and _is_complete(root, tag):
+        return _point(root, tag)
+    complete = _complete_steps(root)
+    if not complete:
+        return None
+    found = step_tag(complete[-1])
+    why = "is missing or empty" if not tag else f"names {tag!r}, which is missing or incomplete"
+    print(f"warning: {os.path.join(root, 'latest')} {why}; resuming from the newest complete "
+          f"checkpoint, {os.path.join(root, found)}", file=sys.stderr, flush=True)
+    return _point(root, found)
 
 
 def resolve_resume(resume: str | None, run_dir: str) -> ResumePoint | None:
@@ -130,16 +206,14 @@ def resolve_resume(resume: str | None, run_dir: str) -> ResumePoint | None:
     if resume is None:
         return None
     if resume == "auto":
-        root = checkpoint_root(run_dir)
-        tag = _read_latest(root)
-        return _point(root, tag) if tag else None
+        return _latest_point(checkpoint_root(run_dir))
     path = os.path.abspath(resume)
     if os.path.isfile(os.path.join(path, TRAINER_STATE)):
         return _point(os.path.dirname(path), os.path.basename(path))
     for root in (path, checkpoint_root(path)):
-        tag = _read_latest(root)
-        if tag:
-            return _point(root, tag)
+        point = _latest_point(root)
+        if point is not None:
+            return point
     raise ConfigError(f"resume={resume!r} is neither a checkpoint folder (with {TRAINER_STATE}) nor a "
                       "folder with a 'latest' file; give a path such as RUN_DIR/checkpoints/step_00000100.")
 

@@ -1,0 +1,89 @@
+"""Checkpoint reliability in one process (no process group): what ``latest`` may be trusted for,
+partial folders, and the completion marker. A stand-in engine writes DeepSpeed's part."""
+import json
+import os
+
+import pytest
+import torch
+
+from internimage.pretrain import checkpoint as ckpt
+from internimage.pretrain.state import Progress, RankState, RunState
+
+
+class FakeEngine:
+    """Writes one file where DeepSpeed writes its shards."""
+
+    def save_checkpoint(self, root, tag, save_latest):
+        os.makedirs(os.path.join(root, tag), exist_ok=True)
+        torch.save({"w": torch.zeros(1)}, os.path.join(root, tag, "zero_pp_rank_0_mp_rank_00_model_states.pt"))
+
+
+def _save(root, step, keep_last=3):
+    run_state = RunState(Progress(step=step), world_size=1, total_steps=100, ema=False)
+    return ckpt.save_checkpoint(FakeEngine(), root, run_state, RankState({}, {}), keep_last)
+
+
+def _partial(root, step, legacy=False):
+    """What a crash mid-save leaves: every file but the completion marker, and a stray one
+    (``legacy``: a complete folder of a version without markers)."""
+    tag_dir = os.path.join(root, ckpt.step_tag(step))
+    os.makedirs(tag_dir)
+    state = RunState(Progress(step=step), 1, 100, False).to_json()
+    with open(os.path.join(tag_dir, "trainer_state.json"), "w") as f:
+        json.dump(state if legacy else {**state, "format": ckpt.FORMAT}, f)
+    torch.save({}, os.path.join(tag_dir, "rank_00000.pt"))
+    open(os.path.join(tag_dir, "stray"), "w").close()
+
+
+def _steps(root):
+    return sorted(d for d in os.listdir(root) if d.startswith("step_"))
+
+
+@pytest.mark.parametrize("latest", [None, "", "step_00000008"])
+def test_lost_latest_resumes_from_the_newest_complete_checkpoint(tmp_path, capsys, latest):
+    run_dir = str(tmp_path)
+    root = ckpt.checkpoint_root(run_dir)
+    for step in (2, 4):
+        _save(root, step)
+    _partial(root, 6)  # newer, but cut short
+    if latest is None:
+        os.remove(os.path.join(root, "latest"))
+    else:
+        with open(os.path.join(root, "latest"), "w") as f:
+            f.write(latest)
+    point = ckpt.resolve_resume("auto", run_dir)
+    assert point is not None and point.tag == "step_00000004", "started from step 0 (or a partial one)"
+    assert "warning" in capsys.readouterr().err
+    assert ckpt.resolve_resume(root, run_dir).tag == "step_00000004"  # resume=PATH of the folder too
+
+
+def test_no_complete_checkpoint_starts_fresh(tmp_path):
+    root = ckpt.checkpoint_root(str(tmp_path))
+    os.makedirs(root)
+    _partial(root, 2)
+    assert ckpt.resolve_resume("auto", str(tmp_path)) is None
+    with pytest.raises(ckpt.ConfigError, match="incomplete"):
+        ckpt.resolve_resume(os.path.join(root, "step_00000002"), str(tmp_path))
+
+
+def test_partial_folder_is_cleaned_before_reuse_and_not_counted_by_keep_last(tmp_path):
+    root = ckpt.checkpoint_root(str(tmp_path))
+    for step in (2, 4):
+        _save(root, step, keep_last=2)
+    _partial(root, 6)
+    _save(root, 6, keep_last=2)  # the same tag again, after a crash had left it partial
+    assert not os.path.exists(os.path.join(root, "step_00000006", "stray"))
+    assert os.path.isfile(os.path.join(root, "step_00000006", ckpt.COMPLETE))
+    _partial(root, 7)  # a partial folder never displaces a complete one
+    _save(root, 8, keep_last=2)
+    assert _steps(root) == ["step_00000006", "step_00000008"]
+    assert open(os.path.join(root, "latest")).read() == "step_00000008"
+
+
+def test_checkpoints_written_before_markers_still_resume(tmp_path):
+    root = ckpt.checkpoint_root(str(tmp_path))
+    os.makedirs(root)
+    _partial(root, 2, legacy=True)
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write("step_00000002")
+    assert ckpt.resolve_resume("auto", str(tmp_path)).tag == "step_00000002"
