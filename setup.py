@@ -6,7 +6,8 @@ repository keeps the flat layout people browse while imports stay namespaced.
 
 Kernels (build with ``pip install --no-build-isolation``, so the installed torch is the one built
 against): ``internimage.ops._cpu`` whenever a C++ compiler works, ``internimage.ops._cuda`` when
-torch has CUDA and nvcc is found (``TORCH_CUDA_ARCH_LIST``, default "8.0;9.0"). A failed or
+torch has CUDA and nvcc is found (``TORCH_CUDA_ARCH_LIST``; unset: the visible GPUs, else
+sm_80 and sm_90, with PTX of the newest: ``ops/cuda_archs.py``). A failed or
 impossible kernel build only warns: the package then runs the pure-PyTorch reference.
 ``internimage.data._jpeg`` (region-of-interest JPEG decoding) links the system libjpeg-turbo
 (>= 2.1; Debian/Ubuntu ``libjpeg-dev``, RHEL ``libjpeg-turbo-devel``, conda ``libjpeg-turbo``);
@@ -20,7 +21,17 @@ from setuptools import Extension, setup
 SUBPACKAGES = ("model", "ops", "data", "pretrain")
 CSRC = os.path.join("ops", "csrc")
 JPEG_REGION_SOURCE = os.path.join("data", "csrc", "jpeg_region.cpp")
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def _default_cuda_archs(torch) -> str:
+    """ops/cuda_archs.py's choice for the GPUs visible here (loaded by path: not installed yet)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cuda_archs", os.path.join("ops", "cuda_archs.py"))
+    cuda_archs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_archs)
+    visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    return cuda_archs.default_arch_list(visible)
 
 
 def _kernel_build():
@@ -65,7 +76,7 @@ def _kernel_build():
         "internimage.ops._cpu", [os.path.join(CSRC, "dcnv3_cpu.cpp")],
         extra_compile_args={"cxx": cxx_flags})]
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_cuda_archs(torch))
         extensions.append(cpp_extension.CUDAExtension(
             "internimage.ops._cuda", [os.path.join(CSRC, "dcnv3_cuda.cu")],
             extra_compile_args={"cxx": ["-O3"],
@@ -94,6 +105,7 @@ setup(
         "numpy>=1.24",
         "pillow>=10.0",
         "simplejpeg>=1.7",  # libjpeg-turbo decoding, ~20% faster than PIL's in the loader
+        "safetensors>=0.4",  # .safetensors weight files
     ],
     extras_require={
         "test": ["pytest>=7.4", "scikit-learn>=1.3", "tokenizers>=0.15", "ruff>=0.4"],

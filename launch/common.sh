@@ -15,11 +15,12 @@ cd "$REPO_ROOT"
 export PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 
 # config_argument DEFAULT ARGS...: sets CONFIG (the first argument unless it is a key=value
-# override, else DEFAULT) and ARGS (the rest); fails when the file does not exist.
+# override or an option such as --deepspeed_config, else DEFAULT) and ARGS (the rest); fails when
+# the file does not exist.
 config_argument() {
   CONFIG="$1"
   shift
-  if [[ $# -gt 0 && "$1" != *=* ]]; then
+  if [[ $# -gt 0 && "$1" != *=* && "$1" != --* ]]; then
     CONFIG="$1"
     shift
   fi

@@ -15,10 +15,11 @@ config_argument configs/finetune_demo.yaml "$@"
 # real world size); prints the init source when it is the missing demo pretraining run.
 MISSING_DEMO_RUN="$("$PYTHON" - "$CONFIG" "${ARGS[@]}" <<'PY'
 import os, sys
+from internimage.pretrain.entry import parse_cli
 from internimage.pretrain.config import ConfigError, load_config
 from internimage.pretrain.finetuning import load_finetune_config
 try:
-    cfg = load_finetune_config(sys.argv[1], [a for a in sys.argv[2:] if "=" in a])
+    cfg = load_finetune_config(sys.argv[1], parse_cli(sys.argv[2:])[1])
 except (ConfigError, ValueError) as exc:
     print(f"finetune.sh: config error: {exc}", file=sys.stderr)
     sys.exit(2)

@@ -15,9 +15,10 @@ config_argument configs/demo.yaml "$@"
 # when this config reads the demo shards.
 DEMO_DATA="$("$PYTHON" - "$CONFIG" "${ARGS[@]}" <<'EOF'
 import sys
+from internimage.pretrain.entry import parse_cli
 from internimage.pretrain.config import ConfigError, load_config
 try:
-    cfg = load_config(sys.argv[1], [a for a in sys.argv[2:] if "=" in a])
+    cfg = load_config(sys.argv[1], parse_cli(sys.argv[2:])[1])
 except (ConfigError, ValueError) as exc:
     print(f"pretrain.sh: config error: {exc}", file=sys.stderr)
     sys.exit(2)

@@ -19,6 +19,18 @@ _WRAPPER_KEYS = ("model", "module", "state_dict")
 CLASSIFIER_KEYS = ("head.weight", "head.bias")
 
 
+def read_weights(path: str | Path) -> Mapping:
+    """A weights file as a mapping: ``.safetensors`` through safetensors, anything else through
+    ``torch.load(weights_only=True)`` (no code in a checkpoint runs)."""
+    if str(path).endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise ImportError(f"{path} is a safetensors file: pip install safetensors") from exc
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def extract_state_dict(checkpoint: Mapping) -> dict[str, Tensor]:
     """The weights inside an official (or DDP / distillation) checkpoint, with bare key names."""
     state = checkpoint
@@ -59,9 +71,7 @@ def load_pretrained(model: nn.Module, source: str | Path | Mapping, class_indice
     final Linear (``head``) follows the checkpoint when sizes agree, takes the rows ``class_indices``
     when given (21841 → 1000 remap), and is otherwise left freshly initialised with a warning.
     """
-    is_path = isinstance(source, (str, Path))
-    checkpoint = torch.load(source, map_location="cpu", weights_only=True) if is_path else source
-    state = extract_state_dict(checkpoint)
+    state = extract_state_dict(read_weights(source) if isinstance(source, (str, Path)) else source)
     own = model.state_dict()
     features_only = getattr(model, "features_only", False)
     head_modules = set(model.head_module_names())

@@ -7,6 +7,7 @@ and checks cross-field consistency, all before any process starts work.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -140,7 +141,61 @@ class DeepSpeedSection:
     # Bound on every collective wait (NCCL's watchdog aborts after it). Ranks wait this long while
     # rank 0 alone converts a checkpoint for another world size or exports fine-tuning weights.
     collective_timeout_minutes: float = 60.0
+    # A DeepSpeed JSON of your own as the base layer (everything the YAML does not own, e.g. ZeRO
+    # bucket sizes, offloading, activation-memory options); also `--deepspeed_config FILE`.
+    config_file: Optional[str] = None
+    # Merged in last, over config_file; for one-off keys on the command line.
     extra: dict = field(default_factory=dict)
+
+    def user_json(self) -> dict:
+        """The DeepSpeed dict of ``config_file`` ({} without one), checked against the keys the
+        YAML owns: ConfigError names the YAML key to set instead."""
+        if self.config_file is None:
+            return {}
+        layer = _read_json(self.config_file)
+        _reject_owned_keys(layer, f"deepspeed.config_file {self.config_file}")
+        return layer
+
+
+# DeepSpeed keys the YAML decides, and where: the training loop reads those values too, so a
+# second source would silently disagree with it (DeepSpeed accumulating 4 micro-batches while the
+# loop counts 1).
+YAML_OWNED_DEEPSPEED_KEYS = {
+    "train_batch_size": "data.batch_size and optim.grad_accum (× the world size)",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "optim.grad_accum",
+    "gradient_clipping": "optim.grad_clip",
+    "bf16": "deepspeed.precision",
+    "fp16": "deepspeed.precision",
+    "amp": "deepspeed.precision",
+    "communication_data_type": "deepspeed.grad_reduce_dtype",
+    "optimizer": "optim (our AdamW with its layer-wise LR groups)",
+    "scheduler": "schedule and optim.lr (our warm-up and cosine, set every step)",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "checkpoint.load_universal": "checkpoint.universal",
+}
+
+
+def _reject_owned_keys(layer: dict, where: str) -> None:
+    for dotted, owner in YAML_OWNED_DEEPSPEED_KEYS.items():
+        node: Any = layer
+        for key in dotted.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            raise ConfigError(f"{where} sets '{dotted}', which the YAML owns: set {owner} instead.")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except OSError as exc:
+        raise ConfigError(f"deepspeed.config_file {path} cannot be read: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed.config_file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"deepspeed.config_file {path} must hold a JSON object.")
+    return value
 
 
 @dataclass
@@ -187,6 +242,8 @@ class PretrainConfig:
                f"({self.deepspeed.precision}), got {self.deepspeed.grad_reduce_dtype}.")
         _check(self.deepspeed.collective_timeout_minutes > 0,
                "deepspeed.collective_timeout_minutes must be > 0.")
+        self.deepspeed.user_json()
+        _reject_owned_keys(self.deepspeed.extra, "deepspeed.extra")
         kinds = {s.kind for s in self.data.train_sources}
         if self.objective.kind == "supervised":
             _check(kinds <= {"class"}, "objective.kind=supervised needs only kind=class sources "

@@ -12,13 +12,14 @@ from internimage.model.text_tower import TextTransformer
 
 from .config import PretrainConfig
 from .configio import merge_trees
-from .distributed import compute_device
+from .distributed import compute_device, is_main
+from .files import atomic_write_json
 from .guards import StepGate
 from .module import IMAGE_PREFIX, PretrainModule
 from .optim import build_optimizer, group_parameters
 
-__all__ = ["build_module", "build_engine", "deepspeed_config", "free_memory", "param_groups",
-           "release_engine", "scaled_lr"]
+__all__ = ["build_module", "build_engine", "deepspeed_config", "describe_deepspeed_config", "free_memory",
+           "param_groups", "release_engine", "scaled_lr"]
 
 
 def build_image_model(cfg: PretrainConfig) -> nn.Module:
@@ -97,20 +98,39 @@ def deepspeed_config(cfg: PretrainConfig, load_universal: bool = False) -> dict[
                       "min_loss_scale": 1}
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
-    return merge_trees(ds, d.extra)
+    # Layers: the user's JSON (config_file) under ours, extra over both; neither may set what the
+    # YAML owns (checked when the config is loaded).
+    return merge_trees(merge_trees(d.user_json(), ds), d.extra)
+
+
+def describe_deepspeed_config(ds: dict, world_size: int) -> str:
+    """One line: what DeepSpeed was given (printed at start; the whole of it is ds_config.json)."""
+    zero = ds.get("zero_optimization", {})
+    enabled = [name for name in ("bf16", "fp16") if ds.get(name, {}).get("enabled")]
+    precision = enabled[0] if enabled else "fp32"
+    micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    offload = [k for k in ("offload_optimizer", "offload_param") if zero.get(k)]
+    return (f"DeepSpeed: ZeRO-{zero.get('stage', 0)}, {precision}, micro-batch {micro} × accumulation {accum} × "
+            f"{world_size} ranks = {micro * accum * world_size} per step, gradient clipping "
+            f"{ds.get('gradient_clipping', 'off')}, reduce in {ds.get('communication_data_type')}"
+            + (f", {' and '.join(offload)}" if offload else ""))
 
 
 def build_engine(cfg: PretrainConfig, module: PretrainModule, world_size: int,
-                 load_universal: bool = False):
+                 load_universal: bool = False, config_out: str | None = None):
     """``deepspeed.initialize`` on ``module`` with our AdamW groups; returns (engine, optimizer,
-    the ``StepGate`` that can veto the optimizer's next step)."""
+    the ``StepGate`` that can veto the optimizer's next step). ``config_out``: where rank 0 writes
+    the DeepSpeed config it passes (and prints a one-line summary)."""
     import deepspeed
 
     groups = param_groups(module, cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.optim.dcn_lr_mult)
     client = build_optimizer(groups, tuple(cfg.optim.betas), cfg.optim.eps, compute_device().type)
     gate = StepGate(client)
-    engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=client,
-                                                   config=deepspeed_config(cfg, load_universal))
+    ds = deepspeed_config(cfg, load_universal)
+    if config_out is not None and is_main():
+        atomic_write_json(config_out, ds)
+        print(describe_deepspeed_config(ds, world_size) + f" (all of it: {config_out})", flush=True)
+    engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=client, config=ds)
     return engine, optimizer, gate
 
 

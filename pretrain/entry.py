@@ -16,15 +16,23 @@ Config = TypeVar("Config", bound=PretrainConfig)
 
 
 def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
-    """``[CONFIG.yaml] [key=value ...]`` (a ``--local_rank`` from the launcher is ignored)."""
+    """``[CONFIG.yaml] [key=value ...]``. DeepSpeed's own habits are understood: a ``--local_rank``
+    from the launcher is ignored, ``--deepspeed`` too, and ``--deepspeed_config FILE`` means
+    ``deepspeed.config_file=FILE``."""
     config, overrides = None, []
-    skip_next = False
-    for arg in argv:
-        if skip_next:
-            skip_next = False
-            continue
+    args = iter(argv)
+    for arg in args:
         if arg.startswith("--local_rank"):
-            skip_next = arg == "--local_rank"
+            if arg == "--local_rank":
+                next(args, None)
+            continue
+        if arg == "--deepspeed":
+            continue
+        if arg.startswith("--deepspeed_config"):
+            path = arg.split("=", 1)[1] if "=" in arg else next(args, None)
+            if not path:
+                raise ConfigError("--deepspeed_config needs a file: --deepspeed_config ds.json.")
+            overrides.append(f"deepspeed.config_file={path}")
             continue
         if "=" in arg:
             overrides.append(arg)

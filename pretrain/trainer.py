@@ -76,8 +76,9 @@ class Trainer:
             if cfg.objective.kind != "supervised" else None
         module = build_module(cfg, tokenizer.vocab_size if tokenizer else None)
         self.macs_per_image = self._model_report(module.image)
-        self.engine, self.optimizer, self.step_gate = build_engine(cfg, module, self.world,
-                                                                   load_universal=resharding)
+        self.engine, self.optimizer, self.step_gate = build_engine(
+            cfg, module, self.world, load_universal=resharding,
+            config_out=os.path.join(cfg.run_dir, "ds_config.json"))
         # The weights are identical on every rank by now; from here on each rank draws its own
         # stochastic depth and dropout masks (the same seed would drop the same branches for
         # sample i of every rank's micro-batch).

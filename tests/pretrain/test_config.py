@@ -1,5 +1,6 @@
 """The config: YAML + overrides into typed dataclasses; mistakes fail early and say the fix."""
 import glob
+import json
 import os
 
 import pytest
@@ -76,3 +77,40 @@ def test_activation_checkpointing_keys_that_moved_name_their_new_place(old, new,
     path.write_text(f"base: {DEMO}\n{section}:\n  {key}: true\n")
     with pytest.raises(ConfigError, match=f"was renamed: use '{new}'"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("key, owner", [("gradient_accumulation_steps", "optim.grad_accum"),
+                                        ("train_micro_batch_size_per_gpu", "data.batch_size"),
+                                        ("gradient_clipping", "optim.grad_clip"),
+                                        ("bf16", "deepspeed.precision"),
+                                        ("zero_optimization", "deepspeed.zero_stage")])
+def test_deepspeed_extra_may_not_set_what_the_yaml_owns(key, owner):
+    value = {"bf16": "{enabled: true}", "zero_optimization": "{stage: 2}"}.get(key, "4")
+    with pytest.raises(ConfigError, match=f"deepspeed.extra sets '{key}.*set {owner} instead"):
+        load_config(DEMO, [f"deepspeed.extra.{key}={value}"])
+
+
+def test_a_users_deepspeed_json_is_the_base_layer_under_the_yaml(tmp_path):
+    from internimage.pretrain.engine import deepspeed_config
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123, "stage": 3},
+                                   "steps_per_print": 7}))
+    with pytest.raises(ConfigError, match="config_file .* sets 'zero_optimization.stage'.*deepspeed.zero_stage"):
+        load_config(DEMO, [f"deepspeed.config_file={ds_json}"])
+    ds_json.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123}, "steps_per_print": 7,
+                                   "wall_clock_breakdown": True}))
+    cfg = load_config(DEMO, [f"deepspeed.config_file={ds_json}", "deepspeed.extra.steps_per_print=9"])
+    ds = deepspeed_config(cfg)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 123 and ds["zero_optimization"]["stage"] == 3
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
+    assert ds["wall_clock_breakdown"] is False  # ours over the user's JSON
+    assert ds["steps_per_print"] == 9  # extra over both
+
+
+def test_deepspeeds_command_line_habits_are_understood():
+    from internimage.pretrain.entry import parse_cli
+    assert parse_cli(["c.yaml", "--deepspeed", "--deepspeed_config", "ds.json", "optim.lr=1"]) == \
+        ("c.yaml", ["deepspeed.config_file=ds.json", "optim.lr=1"])
+    assert parse_cli(["--local_rank=0", "--deepspeed_config=x.json"]) == (None, ["deepspeed.config_file=x.json"])
+    with pytest.raises(ConfigError, match="needs a file"):
+        parse_cli(["--deepspeed_config"])

@@ -118,6 +118,9 @@ def test_reference_run_learns_checkpoints_and_evaluates(reference_run):
         assert key in train[-1], key
     assert "mfu" not in train[-1]  # no known peak for a CPU
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(reference_run, "tensorboard")))
+    passed_to_deepspeed = json.load(open(os.path.join(reference_run, "ds_config.json")))
+    assert passed_to_deepspeed["train_micro_batch_size_per_gpu"] == 16
+    assert passed_to_deepspeed["zero_optimization"]["stage"] == 3 and passed_to_deepspeed["bf16"]["enabled"]
 
 
 def test_sigkill_then_same_command_resumes_to_identical_weights(demo_data, reference_run, tmp_path):
@@ -259,6 +262,17 @@ def test_deepspeeds_own_zero_to_fp32_reads_our_checkpoints(reference_run, tmp_pa
     for key, value in ours.items():
         if value.is_floating_point() and f"image.{key}" in state and "running" not in key:
             assert torch.equal(state[f"image.{key}"].float(), value), key
+
+
+def test_a_deepspeed_json_setting_what_the_yaml_owns_is_rejected_by_the_launcher(tmp_path):
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text('{"gradient_accumulation_steps": 4}')
+    run_dir = str(tmp_path / "never")
+    result = run(["bash", "launch/pretrain.sh", "configs/demo.yaml", "--deepspeed_config", str(ds_json),
+                  f"run_dir={run_dir}"])
+    assert result.returncode == 2, tail(result)
+    assert "sets 'gradient_accumulation_steps', which the YAML owns: set optim.grad_accum instead" in result.stderr
+    assert not os.path.exists(run_dir)
 
 
 def test_bad_config_key_is_rejected_before_any_process_starts(tmp_path):
