@@ -20,12 +20,13 @@ import signal
 import socket
 import sys
 from datetime import timedelta
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["PREEMPTION", "Preemption", "all_ranks", "any_rank", "barrier", "communication_device",
+__all__ = ["PREEMPTION", "Preemption", "all_ranks", "any_rank", "barrier", "broadcast_object",
+           "communication_device",
            "compute_device", "gather_rows", "gather_rows_with_grad", "init_distributed",
            "init_single_process", "is_main", "leave_distributed", "mean_over_ranks",
            "precision_dtype", "rank", "sum_over_ranks", "sum_tensor_over_ranks", "synchronize",
@@ -132,6 +133,15 @@ def barrier() -> None:
     """Waits for every rank (bounded by the process group's timeout)."""
     if world_size() > 1:
         dist.barrier()
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """``value`` of rank ``src`` on every rank (any picklable object; the others pass anything)."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src, device=communication_device())
+    return box[0]
 
 
 def _reduced(values: Sequence[float], op) -> list[float]:

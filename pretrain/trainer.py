@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -25,10 +26,11 @@ from .checkpoint import (checkpoint_root, ema_shards, load_checkpoint, prepare_u
                          resolve_resume, save_checkpoint)
 from .config import ConfigError, PretrainConfig, save_config
 from .configio import to_dict
-from .distributed import (PREEMPTION, all_ranks, barrier, compute_device, mean_over_ranks,
-                          precision_dtype, rank, sum_over_ranks, synchronize, world_size)
+from .distributed import (PREEMPTION, all_ranks, broadcast_object, compute_device, leave_distributed,
+                          mean_over_ranks, precision_dtype, rank, sum_over_ranks, synchronize, world_size)
 from .ema import ShardedEMA, assemble_full_ema, local_master_fp32
 from .engine import build_engine, build_module, scaled_lr
+from .files import RunFolderLocked, RunLock
 from .guards import NonFiniteError, gradients_finite, tensors_finite, unpadded
 from .metrics import (MetricsWriter, ProgressLine, device_memory_stats, device_peak_tflops,
                       peak_memory_gib, reset_peak_memory, train_tflops_per_image)
@@ -61,12 +63,8 @@ class Trainer:
         self.progress = Progress()
         self.preemption = PREEMPTION.install()
         self.root = checkpoint_root(cfg.run_dir)
-        if self.is_main:
-            os.makedirs(self.root, exist_ok=True)
-            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-        barrier()
-
-        point = resolve_resume(cfg.checkpoint.resume, cfg.run_dir)
+        self.run_lock = RunLock(cfg.run_dir) if self.is_main else None
+        point = self._claim_run_dir()
         # Resumed from this run's own checkpoint: its step is already on disk here.
         self.saved_step = point.state.step if point is not None and \
             os.path.abspath(point.root) == os.path.abspath(self.root) else None
@@ -107,6 +105,33 @@ class Trainer:
         self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
 
     # -- set-up helpers ----------------------------------------------------------------------
+    def _claim_run_dir(self):
+        """Rank 0 takes the run folder's lock; every rank learns a refusal (exit 2 on all ranks).
+        Returns the resume point."""
+        cfg = self.cfg
+        refusal = None
+        if self.is_main:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            try:
+                self.run_lock.acquire()
+            except RunFolderLocked as exc:
+                refusal = str(exc)
+            if refusal is None:
+                os.makedirs(self.root, exist_ok=True)
+                save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        refusal = broadcast_object(refusal)
+        if refusal is not None:
+            self._refuse(refusal)
+        return resolve_resume(cfg.checkpoint.resume, cfg.run_dir)
+
+    def _refuse(self, message: str) -> None:
+        """Every rank leaves with ``message`` and exit code 2 (collective)."""
+        print(f"rank {self.rank}: refusing to start: {message}", file=sys.stderr, flush=True)
+        if self.run_lock is not None:
+            self.run_lock.release()
+        leave_distributed()
+        raise SystemExit(2)
+
     def _model_report(self, image_model) -> int | None:
         """fvcore FLOP/parameter report (rank 0, saved as JSON); returns MACs per image."""
         if not self.is_main:
@@ -201,6 +226,14 @@ class Trainer:
                 f"{self.progress.step + 1}; lower optim.lr, raise warm-up, or check the data.")
 
     def run(self) -> int:
+        """The training loop; the run folder's lock is released when it ends, however it ends."""
+        try:
+            return self._run()
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def _run(self) -> int:
         cfg = self.cfg
         progress_line = ProgressLine(self.total_steps, self.progress.step,
                                      self.is_main and cfg.logging.progress_bar)

@@ -1,0 +1,42 @@
+"""Run-folder reliability with 2 real CPU ranks through the launcher: one job per run folder, one
+folder shared by every rank."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from internimage.pretrain.files import RunLock
+from tests.pretrain.pretrain_helpers import run, tail
+from tests.pretrain.test_train_runs import _train_cmd
+
+pytestmark = pytest.mark.multiprocess
+
+SHORT = {"schedule.total_steps": 1, "eval.at_end": "false", "checkpoint.every_steps": 0}
+
+
+def test_a_locked_run_dir_is_refused_on_every_rank_and_a_dead_jobs_lock_taken_over(demo_data, tmp_path):
+    run_dir = str(tmp_path / "locked")
+    os.makedirs(run_dir)
+    holder = RunLock(run_dir)
+    holder.acquire()  # a live job: this process
+    cmd = _train_cmd(demo_data, run_dir, **SHORT)
+    refused = run(cmd, timeout=120)
+    output = refused.stdout + refused.stderr
+    assert refused.returncode == 2, tail(refused)
+    for rank in (0, 1):
+        assert f"rank {rank}: refusing to start: run folder {run_dir} is in use by another job" in output, tail(refused)
+    assert f"host {socket.gethostname()}, pid {os.getpid()}" in output
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
+    holder.release()
+
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True).stdout)
+    with open(os.path.join(run_dir, ".lock"), "w") as f:  # what a killed job leaves
+        json.dump({"host": socket.gethostname(), "pid": dead_pid, "job": "1234", "nonce": "x"}, f)
+    result = run(cmd, timeout=180)
+    assert result.returncode == 0, tail(result)
+    assert f"taking over the stale lock of host {socket.gethostname()}, pid {dead_pid}, job 1234" in result.stdout
+    assert not os.path.exists(os.path.join(run_dir, ".lock"))  # released at exit
