@@ -106,23 +106,36 @@ class Trainer:
 
     # -- set-up helpers ----------------------------------------------------------------------
     def _claim_run_dir(self):
-        """Rank 0 takes the run folder's lock; every rank learns a refusal (exit 2 on all ranks).
-        Returns the resume point."""
+        """Rank 0 takes the run folder's lock and resolves the resume point; every rank learns
+        both, and confirms it sees rank 0's folder (the lock's nonce). Refusals exit 2 on all ranks."""
         cfg = self.cfg
-        refusal = None
+        refusal = nonce = point = error = None
         if self.is_main:
             os.makedirs(cfg.run_dir, exist_ok=True)
             try:
-                self.run_lock.acquire()
+                nonce = self.run_lock.acquire()["nonce"]
             except RunFolderLocked as exc:
                 refusal = str(exc)
             if refusal is None:
                 os.makedirs(self.root, exist_ok=True)
                 save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-        refusal = broadcast_object(refusal)
+                try:
+                    point = resolve_resume(cfg.checkpoint.resume, cfg.run_dir)
+                except ConfigError as exc:
+                    error = str(exc)
+        refusal, nonce, point, error = broadcast_object((refusal, nonce, point, error))
         if refusal is not None:
             self._refuse(refusal)
-        return resolve_resume(cfg.checkpoint.resume, cfg.run_dir)
+        seen = RunLock.read(cfg.run_dir)
+        sees_it = (seen or {}).get("nonce") == nonce
+        if not all_ranks(sees_it):
+            self._refuse(
+                f"run_dir {os.path.abspath(cfg.run_dir)} is not one folder shared by every rank (at least "
+                f"one rank does not see the lock rank 0 just wrote there{'' if sees_it else ', this one'}). "
+                "run_dir must be on a filesystem every node shares, not a node-local disk.")
+        if error is not None:
+            raise ConfigError(error)
+        return point
 
     def _refuse(self, message: str) -> None:
         """Every rank leaves with ``message`` and exit code 2 (collective)."""

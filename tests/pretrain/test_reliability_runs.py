@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from internimage.pretrain.files import RunLock
-from tests.pretrain.pretrain_helpers import run, tail
-from tests.pretrain.test_train_runs import _train_cmd
+from tests.pretrain.pretrain_helpers import REPO, free_port, run, tail
+from tests.pretrain.test_train_runs import _node_env, _overrides, _train_cmd
 
 pytestmark = pytest.mark.multiprocess
 
@@ -40,3 +40,18 @@ def test_a_locked_run_dir_is_refused_on_every_rank_and_a_dead_jobs_lock_taken_ov
     assert result.returncode == 0, tail(result)
     assert f"taking over the stale lock of host {socket.gethostname()}, pid {dead_pid}, job 1234" in result.stdout
     assert not os.path.exists(os.path.join(run_dir, ".lock"))  # released at exit
+
+
+def test_ranks_that_see_different_run_folders_refuse_to_start(demo_data, tmp_path):
+    """Two nodes of one process whose run_dir is not the same folder (node-local disks)."""
+    port = free_port()
+    procs = [subprocess.Popen(["bash", "launch/pretrain.sh", "configs/demo.yaml",
+                               *_overrides(demo_data, str(tmp_path / f"local_disk_{node}"), **SHORT)],
+                              cwd=REPO, env=_node_env("node_rank", node, tmp_path, port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in range(2)]
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outputs[0][-3000:] + outputs[1][-3000:]
+    for output in outputs:
+        assert "is not one folder shared by every rank" in output and "node-local disk" in output, output[-3000:]
+    assert not os.path.exists(tmp_path / "local_disk_1" / "checkpoints")
