@@ -141,6 +141,12 @@ class DeepSpeedSection:
     # Bound on every collective wait (NCCL's watchdog aborts after it). Ranks wait this long while
     # rank 0 alone converts a checkpoint for another world size or exports fine-tuning weights.
     collective_timeout_minutes: float = 60.0
+    # ZeRO-Offload: optimizer states (offload_optimizer) and, under ZeRO-3, parameters
+    # (offload_param) kept in CPU memory or on an NVMe drive (nvme_path); the optimizer is then
+    # DeepSpeed's CPU Adam, with our parameter groups.
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: Optional[str] = None
     # A DeepSpeed JSON of your own as the base layer (everything the YAML does not own, e.g. ZeRO
     # bucket sizes, offloading, activation-memory options); also `--deepspeed_config FILE`.
     config_file: Optional[str] = None
@@ -244,6 +250,13 @@ class PretrainConfig:
                "deepspeed.collective_timeout_minutes must be > 0.")
         self.deepspeed.user_json()
         _reject_owned_keys(self.deepspeed.extra, "deepspeed.extra")
+        d = self.deepspeed
+        _check("nvme" not in (d.offload_optimizer, d.offload_param) or d.nvme_path is not None,
+               "deepspeed.offload_* = nvme needs deepspeed.nvme_path (a folder on a local NVMe drive).")
+        _check(d.offload_param == "none" or d.zero_stage == 3,
+               "deepspeed.offload_param needs deepspeed.zero_stage=3 (parameters are partitioned only there).")
+        _check(d.offload_optimizer == "none" or d.zero_stage >= 1,
+               "deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1.")
         kinds = {s.kind for s in self.data.train_sources}
         if self.objective.kind == "supervised":
             _check(kinds <= {"class"}, "objective.kind=supervised needs only kind=class sources "

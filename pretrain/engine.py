@@ -19,7 +19,7 @@ from .module import IMAGE_PREFIX, PretrainModule
 from .optim import build_optimizer, group_parameters
 
 __all__ = ["build_module", "build_engine", "deepspeed_config", "describe_deepspeed_config", "free_memory",
-           "param_groups", "release_engine", "scaled_lr"]
+           "offloads_optimizer", "param_groups", "release_engine", "scaled_lr"]
 
 
 def build_image_model(cfg: PretrainConfig) -> nn.Module:
@@ -70,6 +70,11 @@ def deepspeed_config(cfg: PretrainConfig, load_universal: bool = False) -> dict[
     zero: dict[str, Any] = {"stage": d.zero_stage}
     if d.zero_stage >= 2:
         zero.update(overlap_comm=d.overlap_comm, contiguous_gradients=True)
+    for part in ("optimizer", "param"):
+        device = getattr(d, f"offload_{part}")
+        if device != "none":
+            zero[f"offload_{part}"] = {"device": device, "pin_memory": True,
+                                       **({"nvme_path": d.nvme_path} if device == "nvme" else {})}
     if d.zero_stage == 3:
         if d.stage3_prefetch_bucket_size is not None:
             zero["stage3_prefetch_bucket_size"] = d.stage3_prefetch_bucket_size
@@ -103,6 +108,13 @@ def deepspeed_config(cfg: PretrainConfig, load_universal: bool = False) -> dict[
     return merge_trees(merge_trees(d.user_json(), ds), d.extra)
 
 
+def offloads_optimizer(ds: dict) -> bool:
+    """Whether this DeepSpeed config keeps the optimizer states off the device (ours or the user's
+    JSON): DeepSpeed then steps on the CPU and wants its CPU Adam."""
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
 def describe_deepspeed_config(ds: dict, world_size: int) -> str:
     """One line: what DeepSpeed was given (printed at start; the whole of it is ds_config.json)."""
     zero = ds.get("zero_optimization", {})
@@ -123,10 +135,11 @@ def build_engine(cfg: PretrainConfig, module: PretrainModule, world_size: int,
     the DeepSpeed config it passes (and prints a one-line summary)."""
     import deepspeed
 
-    groups = param_groups(module, cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.optim.dcn_lr_mult)
-    client = build_optimizer(groups, tuple(cfg.optim.betas), cfg.optim.eps, compute_device().type)
-    gate = StepGate(client)
     ds = deepspeed_config(cfg, load_universal)
+    groups = param_groups(module, cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.optim.dcn_lr_mult)
+    client = build_optimizer(groups, tuple(cfg.optim.betas), cfg.optim.eps, compute_device().type,
+                             cpu_offload=offloads_optimizer(ds))
+    gate = StepGate(client)
     if config_out is not None and is_main():
         atomic_write_json(config_out, ds)
         print(describe_deepspeed_config(ds, world_size) + f" (all of it: {config_out})", flush=True)

@@ -43,9 +43,13 @@ def group_parameters(named_params: Iterable[tuple[str, nn.Parameter]], weight_de
 
 
 def build_optimizer(groups: list[dict], betas: tuple[float, float], eps: float,
-                    device_type: str) -> torch.optim.Optimizer:
-    """AdamW for the device: apex's fused Adam if importable on GPU, else DeepSpeed's fused Adam
-    on GPU, else torch AdamW (CPU)."""
+                    device_type: str, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (their own LR scale and weight decay): DeepSpeed's CPU Adam when ZeRO
+    offloads the optimizer states, else apex's fused Adam if importable on GPU, else DeepSpeed's
+    fused Adam on GPU, else torch AdamW (CPU)."""
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, betas=betas, eps=eps, adamw_mode=True)
     if device_type == "cuda":
         try:
             from apex.optimizers import FusedAdam as ApexFusedAdam  # optional, never installed by us

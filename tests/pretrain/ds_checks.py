@@ -4,7 +4,8 @@
 
 Writes OUT_DIR/rank{r}.json with, per check, the largest deviation from the plain reference:
   llrd_ratio_error  per element, (ZeRO-3 update with LLRD + DCN groups) / (update with one LR)
-                    vs the parameter's expected LR scale, relative
+                    vs the parameter's expected LR scale, relative; offload_llrd_*: the same with
+                    the optimizer offloaded to the CPU (DeepSpeed's CPU Adam)
   ckpt_grads    ZeRO-3 gradients with per-block activation checkpointing vs without
   ema           sharded EMA after 3 steps vs a plain EMA of the full fp32 weights
   ema_swap      logits with the EMA swapped into the partitions vs a plain model holding the EMA
@@ -81,14 +82,14 @@ def _ds_update(cfg, batch, rank, lr):
             for n, p in module.named_parameters()}
 
 
-def check_llrd(rank):
+def check_llrd(rank, *extra, prefix="llrd"):
     """Adam's step is proportional to the LR, so with equal gradients the update of each parameter
     under LLRD groups must be its LR scale times its update under one LR."""
     from internimage.model import param_lr_scales
-    decayed = _cfg("optim.layer_decay=0.5", "optim.dcn_lr_mult=0.1")
+    decayed = _cfg("optim.layer_decay=0.5", "optim.dcn_lr_mult=0.1", *extra)
     batch = _batches(decayed, 1)[0]
     scaled = _ds_update(decayed, batch, rank, 0.05)
-    uniform = _ds_update(_cfg("optim.layer_decay=1.0", "optim.dcn_lr_mult=1.0"), batch, rank, 0.05)
+    uniform = _ds_update(_cfg("optim.layer_decay=1.0", "optim.dcn_lr_mult=1.0", *extra), batch, rank, 0.05)
     expected = param_lr_scales(_fresh(decayed).image, 0.5, 0.1)
     worst, scales_seen = 0.0, set()
     for name, update in scaled.items():
@@ -98,7 +99,12 @@ def check_llrd(rank):
         if moved.any():
             ratio = update[moved] / uniform[name][moved]
             worst = max(worst, (ratio - scale).abs().max().item() / scale)
-    return {"llrd_ratio_error": worst, "llrd_distinct_scales": len(scales_seen)}
+    return {f"{prefix}_ratio_error": worst, f"{prefix}_distinct_scales": len(scales_seen)}
+
+
+def check_llrd_offloaded(rank):
+    """The same with ZeRO-Offload: DeepSpeed's CPU Adam steps our groups on the CPU."""
+    return check_llrd(rank, "deepspeed.offload_optimizer=cpu", prefix="offload_llrd")
 
 
 def check_checkpointing(rank):
@@ -191,7 +197,7 @@ def main(out_dir):
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     results = {}
-    for check in (check_clip_gather, check_llrd, check_checkpointing, check_ema):
+    for check in (check_clip_gather, check_llrd, check_llrd_offloaded, check_checkpointing, check_ema):
         results.update(check(rank))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

@@ -48,6 +48,7 @@ def test_unknown_keys_are_rejected_with_the_closest_valid_key(override, hint):
     ("activation_checkpointing.enabled=[true, false]", "one flag per stage"),
     ("data.batch_size=0", "batch_size"),
     ("optim.lr", "must look like key.sub=value"),
+    ("deepspeed.offload_optimizer=nvme", "needs deepspeed.nvme_path"),
 ])
 def test_bad_values_name_the_field(override, words):
     with pytest.raises((ConfigError, ValueError), match=words):

@@ -29,6 +29,12 @@ def test_per_group_learning_rates_take_effect_under_zero3(checks):
     assert checks["llrd_ratio_error"] < 1e-3
 
 
+def test_per_group_learning_rates_take_effect_with_the_optimizer_offloaded(checks):
+    # deepspeed.offload_optimizer=cpu: DeepSpeed's CPU Adam over the same groups.
+    assert checks["offload_llrd_distinct_scales"] >= 5
+    assert checks["offload_llrd_ratio_error"] < 1e-3
+
+
 def test_activation_checkpointing_leaves_zero3_gradients_unchanged(checks):
     assert checks["ckpt_grad_total"] > 1.0
     assert checks["ckpt_grads"] < 1e-6
