@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -249,9 +250,31 @@ def load_checkpoint(engine: Any, point: ResumePoint, universal_tag: str | None =
     return _read_rank_state(point, source_rank)
 
 
+def _legacy_numpy_globals() -> list:
+    """What a rank file of an older version needs besides tensors: numpy's RNG key array."""
+    import numpy as np
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def _read_rank_state(point: ResumePoint, rank: int) -> RankState:
-    return RankState.from_dict(torch.load(_rank_file(point.tag_dir, rank), map_location="cpu",
-                                          weights_only=False))
+    """A rank file, loaded with ``weights_only=True``: tensors and plain types only, never code
+    (files of older versions also hold a numpy array, allowed by name)."""
+    path = _rank_file(point.tag_dir, rank)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            with torch.serialization.safe_globals(_legacy_numpy_globals()):
+                data = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            lines = str(exc).splitlines()
+            detail = next((line.strip() for line in lines if "Unsupported" in line), lines[0] if lines else "")
+            raise RuntimeError(
+                f"{path} holds objects other than tensors and plain types, which this version never "
+                f"writes; refusing to load it (unpickling such a file can run code). "
+                f"Resume from a checkpoint of a run you trust. ({detail})") from None
+    return RankState.from_dict(data)
 
 
 def _restore_buffers(module: torch.nn.Module, point: ResumePoint) -> None:

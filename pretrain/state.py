@@ -41,22 +41,35 @@ class Progress:
 
 class RandomState:
     """Every random stream of a rank: torch (CPU and the current GPU), numpy, Python, and the
-    generator of the on-device augmentation (on the compute device)."""
+    generator of the on-device augmentation (on the compute device).
+
+    The state holds tensors and plain types only, so a rank file loads with
+    ``torch.load(weights_only=True)``: numpy's (name, uint32 keys, pos, has_gauss, cached) tuple is
+    kept as a dict with the keys as an int64 tensor."""
 
     def __init__(self, device_generator: torch.Generator):
         self.device_generator = device_generator
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                 "python": random.getstate(), "device_generator": self.device_generator.get_state()}
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        numpy_state = {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+        version, internal, gauss_next = random.getstate()
+        state = {"torch": torch.get_rng_state(), "numpy": numpy_state,
+                 "python": (int(version), tuple(int(v) for v in internal), gauss_next),
+                 "device_generator": self.device_generator.get_state()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
+        numpy_state = state["numpy"]
+        if isinstance(numpy_state, dict):
+            numpy_state = (numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
+                           numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+        np.random.set_state(numpy_state)  # a tuple: a rank file written before the dict form
+        random.setstate(tuple(state["python"]))
         self.device_generator.set_state(state["device_generator"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])

@@ -87,3 +87,77 @@ def test_checkpoints_written_before_markers_still_resume(tmp_path):
     with open(os.path.join(root, "latest"), "w") as f:
         f.write("step_00000002")
     assert ckpt.resolve_resume("auto", str(tmp_path)).tag == "step_00000002"
+
+
+# -- the trust boundary: rank files load with weights_only=True ------------------------------------
+def _point_with_rank_file(tmp_path, payload):
+    root = ckpt.checkpoint_root(str(tmp_path))
+    tag_dir = os.path.join(root, "step_00000002")
+    os.makedirs(tag_dir)
+    torch.save(payload, os.path.join(tag_dir, "rank_00000.pt"))
+    return ckpt.ResumePoint(root, "step_00000002", RunState(Progress(step=2), 1, 100, False))
+
+
+class _RunsCode:
+    """Unpickling this creates a folder: what a crafted checkpoint could do instead."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+def test_a_rank_file_that_would_run_code_is_refused(tmp_path):
+    witness = str(tmp_path / "code_ran")
+    point = _point_with_rank_file(tmp_path, {"loader": {}, "rng": {"x": _RunsCode(witness)}, "ema": None})
+    with pytest.raises(RuntimeError, match="refusing to load"):
+        ckpt._read_rank_state(point, 0)
+    assert not os.path.exists(witness), "loading a rank file ran code"
+
+
+def _rank_state(demo_data, random_state):
+    from internimage.data import build_train_loader
+    from internimage.pretrain.config import load_config
+    cfg = load_config("configs/demo.yaml", [
+        f"data.train_sources.0.shards={demo_data}/classes/train-{{000000..000003}}.tar",
+        "data.batch_size=4", "data.workers=0"])
+    loader = build_train_loader(cfg.data, 0, 1)
+    next(iter(loader))
+    return RankState(loader.state_dict(), random_state.state_dict(), {"shadow": {"w": torch.ones(2)}})
+
+
+def _draws():
+    import random
+    import numpy as np
+    return (torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(), random.random())
+
+
+def test_rank_files_hold_only_tensors_and_plain_types_and_restore_every_stream(demo_data, tmp_path):
+    import random
+    import numpy as np
+    from internimage.pretrain.state import RandomState
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    np.random.randn()  # numpy now holds a cached gaussian
+    generator = torch.Generator()
+    saved = _rank_state(demo_data, RandomState(generator))
+    expected = _draws()
+    point = _point_with_rank_file(tmp_path, saved.to_dict())
+    torch.load(os.path.join(point.tag_dir, "rank_00000.pt"), weights_only=True)  # no numpy objects
+    loaded = ckpt._read_rank_state(point, 0)
+    assert loaded.loader == saved.loader
+    RandomState(generator).load_state_dict(loaded.rng)
+    assert _draws() == expected
+
+
+def test_a_rank_file_of_the_previous_format_still_loads(tmp_path):
+    import random
+    import numpy as np
+    from internimage.pretrain.state import RandomState
+    np.random.seed(3)
+    old_rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "device_generator": torch.Generator().get_state()}
+    expected = _draws()
+    point = _point_with_rank_file(tmp_path, {"loader": {"batches": 1}, "rng": old_rng, "ema": None})
+    RandomState(torch.Generator()).load_state_dict(ckpt._read_rank_state(point, 0).rng)
+    assert _draws() == expected
