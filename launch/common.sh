@@ -10,6 +10,19 @@
 #                 rank and master address come from SLURM_JOB_NODELIST / SLURM_NODEID
 # Other knobs: PYTHON (interpreter, default the active python), GPUS_PER_NODE (Slurm hostfile slots).
 
+# usage: the calling script's header comment, then where it runs (this file's header).
+usage() {
+  sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
+  echo
+  sed -n '/^# launch_ranks/,/^# Other knobs/{s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
+  echo
+  echo "Overrides are key.sub=value (configs/*.yaml, pretrain/config.py); DeepSpeed's --deepspeed_config"
+  echo "FILE adds your own DeepSpeed JSON under the YAML. Under Slurm send SIGUSR1 before the time limit"
+  echo "(sbatch --signal=USR1@600): every rank checkpoints and exits 0, and the same command resumes."
+  echo "Without the deepspeed launcher: torchrun --nproc_per_node N -m internimage.pretrain.train CONFIG"
+  echo "[key=value ...] (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE as the launcher does)."
+}
+
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 export PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
@@ -20,6 +33,10 @@ export PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 config_argument() {
   CONFIG="$1"
   shift
+  if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
+    usage
+    exit 0
+  fi
   if [[ $# -gt 0 && "$1" != *=* && "$1" != --* ]]; then
     CONFIG="$1"
     shift

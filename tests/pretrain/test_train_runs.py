@@ -275,6 +275,14 @@ def test_a_deepspeed_json_setting_what_the_yaml_owns_is_rejected_by_the_launcher
     assert not os.path.exists(run_dir)
 
 
+@pytest.mark.parametrize("script", ["pretrain", "finetune"])
+def test_launchers_explain_themselves_with_help(script):
+    result = run(["bash", f"launch/{script}.sh", "--help"])
+    assert result.returncode == 0, tail(result)
+    assert f"bash launch/{script}.sh [CONFIG.yaml] [key=value ...]" in result.stdout
+    assert "Slurm" in result.stdout and "--deepspeed_config" in result.stdout and "torchrun" in result.stdout
+
+
 def test_bad_config_key_is_rejected_before_any_process_starts(tmp_path):
     run_dir = str(tmp_path / "never")
     t0 = time.time()
