@@ -78,9 +78,9 @@ class Stage:
         if "img_size" not in (tree.get("data") or {}):
             raise ConfigError(f"stages[{index}] lacks data.img_size: every stage needs a name and "
                               "data.img_size.")
-        own = from_dict(_StageKeys, {k: v for k, v in tree.items() if k in cls.OWN_KEYS}, where)
-        return cls(**dataclasses.asdict(own),
-                   changes={k: v for k, v in tree.items() if k not in cls.OWN_KEYS})
+        stage = from_dict(cls, {k: v for k, v in tree.items() if k in cls.OWN_KEYS}, where)
+        stage.changes = {k: v for k, v in tree.items() if k not in cls.OWN_KEYS}
+        return stage
 
 
 def _section_hint(key: str, where: str) -> str:
@@ -90,15 +90,6 @@ def _section_hint(key: str, where: str) -> str:
                 key in {f.name for f in dataclasses.fields(section.default_factory)}:
             return f" Stages change config sections: write {where}.{section.name}.{key}."
     return ""
-
-
-@dataclass
-class _StageKeys:
-    """The types of a stage's own keys (checked like any config section)."""
-    name: str
-    global_batch: Optional[int] = None
-    class_indices: Optional[str] = None
-    next_from_ema: bool = True
 
 
 @dataclass
