@@ -60,25 +60,6 @@ class DCNv3(nn.Module):
             nn.init.zeros_(self.center_feature_scale_proj_weight)
             nn.init.zeros_(self.center_feature_scale_proj_bias)
 
-    def _branch_projections(self, branch: Tensor) -> tuple[Tensor, ...]:
-        """Offsets, mask logits and (H, G) the gate logits of ``branch`` from one GEMM.
-
-        The weights are concatenated here, at every call (a few hundred KB at most): the parameters
-        stay ``offset``, ``mask`` and ``center_feature_scale_proj_*`` with their official keys. Under
-        ZeRO-3 the Linears' hooks do not run (they are not called): DeepSpeed's engine forward finds
-        their weights read here and registers them as external parameters of this module, gathered
-        with it from then on (tests/model/test_dcnv3_zero3.py). The backward needs only the
-        concatenated copy, not the parameters. ``torch.split``'s backward is one ``cat`` of the
-        gradients; the op makes its offset and mask dense (two copies of GEMM output columns).
-        """
-        weights, biases = [self.offset.weight, self.mask.weight], [self.offset.bias, self.mask.bias]
-        sizes = [self.offset.out_features, self.mask.out_features]
-        if self.center_feature_scale:
-            weights.append(self.center_feature_scale_proj_weight)
-            biases.append(self.center_feature_scale_proj_bias)
-            sizes.append(self.groups)
-        return torch.split(F.linear(branch, torch.cat(weights), torch.cat(biases)), sizes, dim=-1)
-
     def forward(self, x: Tensor) -> Tensor:
         """(N, H, W, C) → (N, H_out, W_out, C)."""
         projected = self.input_proj(x)
@@ -87,7 +68,10 @@ class DCNv3(nn.Module):
         branch = self.dw_conv(x.permute(0, 3, 1, 2))  # (N, H, W, C): offsets come from the raw input
         # Mask logits (N, H, W, G·P): the op softmaxes each group's points itself, in registers (no
         # normalised mask tensor written and read back, one launch less), same result.
-        offset, mask_logits, *gate_logits = self._branch_projections(branch)
+        # Offsets and mask logits stay two GEMMs: one GEMM on concatenated weights would hand the op
+        # column slices it must copy dense (more bytes than reading ``branch`` twice) and, under
+        # ZeRO-3, read the Linears' weights outside their own forward.
+        offset, mask_logits = self.offset(branch), self.mask(branch)
         out = dcnv3_core(projected, offset, mask_logits, kernel_size=(self.kernel_size, self.kernel_size),
                          stride=(self.stride, self.stride), pad=(self.pad, self.pad),
                          dilation=(self.dilation, self.dilation), groups=self.groups,
@@ -95,6 +79,7 @@ class DCNv3(nn.Module):
         if self.center_feature_scale:
             # y·(1 − s) + x·s per group, s broadcast over the group's channels (no repeated copy).
             grouped = out.shape[:-1] + (self.groups, self.channels // self.groups)
-            gate = torch.sigmoid(gate_logits[0]).unsqueeze(-1)
+            gate = torch.sigmoid(F.linear(branch, self.center_feature_scale_proj_weight,
+                                          self.center_feature_scale_proj_bias)).unsqueeze(-1)
             out = torch.lerp(out.view(grouped), projected.view(grouped), gate).view(out.shape)
         return self.output_proj(out)

@@ -1,5 +1,6 @@
-"""The one-GEMM DCNv3 projections under ZeRO-3: DeepSpeed gathers the offset and mask weights that
-the module reads without calling their Linears (tests/model/zero3_dcnv3_check.py, one CPU rank)."""
+"""DCNv3 blocks under ZeRO-3 with every parameter partitioned (the pretraining tests' tiny models stay
+below DeepSpeed's persistence threshold, so nothing there is released between steps): gradients
+equal a plain model's (tests/model/zero3_dcnv3_check.py, one CPU rank)."""
 import json
 import os
 import socket

@@ -1,7 +1,7 @@
 """One CPU rank under DeepSpeed ZeRO-3 with every parameter partitioned (persistence threshold 0):
-the DCNv3 modules' one-GEMM projections read the offset and mask weights without calling their
-Linears, so only DeepSpeed's external-parameter discovery gathers them. Prints the largest gradient
-difference to a plain copy of the model, plain and with activation checkpointing.
+every weight of the DCNv3 blocks (projections, depthwise conv, the H/G gate) reaches the forward
+only through ZeRO-3's gathers. Prints the largest gradient difference to a plain copy of the model,
+plain and with activation checkpointing.
 
     python -m tests.model.zero3_dcnv3_check PORT   (from the repository root; the test runs it)
 """
