@@ -52,7 +52,7 @@ class ShardedEMA:
     def _masters(self) -> list[torch.Tensor]:
         """This rank's fp32 masters, in ``self.params`` order. Under ZeRO-3 without offloading they
         are views into DeepSpeed's flat fp32 partitions, which live as long as the engine: looked up
-        once (at the first update, after any checkpoint load), not ~1,700 lookups per step for H.
+        once (at the first update, after any checkpoint load), not 1,357 lookups per step for H.
         Copies (offloaded or gathered masters) are fetched anew every step."""
         if self._master_views is not None:
             return self._master_views
