@@ -7,7 +7,8 @@ Layout of ``RUN_DIR/checkpoints/``::
         trainer_state.json      step, samples, world size, counters, resolved config (rank 0)
         rank_00000.pt ...       per rank: data-loader state, RNG states, EMA shard
         COMPLETE                the completion marker: written last, once every rank wrote everything
-    step_00000100_universal/    made on demand to resume at another world size
+    step_00000100_universal/    made on demand to resume at another world size (in the resuming
+                                run's folder, whatever run it converts; marked COMPLETE once whole)
 
 ``latest`` is replaced (write + rename) only after a barrier that every rank reaches after
 writing all its files, and after the ``COMPLETE`` marker, so a crash or kill mid-save leaves
@@ -18,6 +19,7 @@ cleaned before its tag is written again and never counts towards ``keep_last``.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
@@ -25,13 +27,15 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .configio import ConfigError
-from .distributed import barrier, rank as this_rank
+from .distributed import barrier, broadcast_object, rank as this_rank
 from .files import atomic_torch_save, atomic_write_json, atomic_write_text
 from .module import IMAGE_PREFIX
 from .state import RankState, RunState
@@ -148,7 +152,11 @@ def _prune(root: str, keep_last: int, current: str) -> None:
     for s in steps:
         if step_tag(s) not in keep:
             shutil.rmtree(os.path.join(root, step_tag(s)), ignore_errors=True)
-            shutil.rmtree(os.path.join(root, step_tag(s) + "_universal"), ignore_errors=True)
+    current_step = int(_TAG.match(current).group(1))
+    for name in os.listdir(root):  # converted copies: needed only until this run saved its own
+        m = re.match(r"^step_(\d+)_universal", name)
+        if m and int(m.group(1)) < current_step:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 @dataclass
@@ -219,31 +227,88 @@ def resolve_resume(resume: str | None, run_dir: str) -> ResumePoint | None:
                       "folder with a 'latest' file; give a path such as RUN_DIR/checkpoints/step_00000100.")
 
 
-def prepare_universal(point: ResumePoint) -> str:
-    """Converts ``point`` with DeepSpeed's ``ds_to_universal`` (rank 0, once); returns the new tag.
-    Collective."""
-    tag = point.tag + "_universal"
-    out = os.path.join(point.root, tag)
-    if this_rank() == 0 and not os.path.isdir(os.path.join(out, "zero")):
-        shutil.rmtree(out, ignore_errors=True)
-        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                   point.tag_dir, "--output_folder", out, "--num_extract_workers", "1",
-                   "--num_merge_workers", "1"]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"ds_to_universal failed on {point.tag_dir}:\n{result.stderr[-4000:]}")
-    barrier()
-    return tag
+def prepare_universal(point: ResumePoint, root: str, timeout_s: float) -> str:
+    """Converts ``point`` with DeepSpeed's ``ds_to_universal`` (rank 0, once) into ``root``, the
+    current run's checkpoints folder (the source run's pruning may delete anything put there);
+    returns the converted folder. Collective.
+
+    Atomic: the conversion goes to a temporary folder, which gets the completion marker and is
+    then renamed; a folder without the marker (an interrupted conversion) is redone, never trusted.
+    The other ranks wait for the marker on the shared folder for up to ``timeout_s`` (a conversion
+    of InternImage-H takes far longer than a collective may wait)."""
+    out = os.path.join(root, point.tag + "_universal")
+    attempt = uuid.uuid4().hex
+    needed, attempt = broadcast_object((_marker(out).get("source") != os.path.abspath(point.tag_dir), attempt))
+    failed = f"{out}.failed.{attempt}"
+    failure = None
+    if needed and this_rank() == 0:
+        failure = _convert_universal(point, out, attempt, timeout_s)
+        if failure is not None:
+            atomic_write_text(failed, failure)  # the other ranks stop waiting
+    elif needed:
+        deadline = time.monotonic() + timeout_s
+        while not _marker_of(out, attempt) and not os.path.exists(failed):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"rank {this_rank()}: waited {timeout_s / 60:.0f} min for rank 0's universal conversion "
+                    f"of {point.tag_dir} into {out}; raise checkpoint.universal_timeout_minutes.")
+            time.sleep(2.0)
+    failure = broadcast_object(failure)
+    if failure is not None:
+        if this_rank() == 0 and os.path.exists(failed):
+            os.remove(failed)
+        raise RuntimeError(failure)
+    return out
 
 
-def load_checkpoint(engine: Any, point: ResumePoint, universal_tag: str | None = None) -> RankState:
-    """Loads weights + optimizer into ``engine``; returns this rank's saved per-rank state (the
-    state of rank ``min(rank, saved_world − 1)`` when the world size changed)."""
-    load_path, _ = engine.load_checkpoint(point.root, tag=universal_tag or point.tag,
+def _marker(tag_dir: str) -> dict:
+    """The completion marker's record ({} when there is none)."""
+    try:
+        with open(os.path.join(tag_dir, COMPLETE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _marker_of(out: str, attempt: str) -> bool:
+    return _marker(out).get("attempt") == attempt
+
+
+def _convert_universal(point: ResumePoint, out: str, attempt: str, timeout_s: float) -> str | None:
+    """Rank 0's conversion into a temporary folder renamed to ``out``; the failure, or None."""
+    shutil.rmtree(out, ignore_errors=True)  # an interrupted conversion: redone
+    for leftover in glob.glob(glob.escape(out) + ".tmp.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = f"{out}.tmp.{os.getpid()}"
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               point.tag_dir, "--output_folder", tmp, "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return (f"ds_to_universal did not finish converting {point.tag_dir} within {timeout_s / 60:.0f} "
+                "min; raise checkpoint.universal_timeout_minutes.")
+    if result.returncode != 0:
+        return f"ds_to_universal failed on {point.tag_dir}:\n{result.stderr[-4000:]}"
+    atomic_write_json(os.path.join(tmp, COMPLETE), {"source": os.path.abspath(point.tag_dir),
+                                                    "attempt": attempt})
+    os.rename(tmp, out)
+    stray = os.path.join(os.path.dirname(out), "latest_universal")  # ds_to_universal's, naming tmp
+    if os.path.isfile(stray):
+        os.remove(stray)
+    return None
+
+
+def load_checkpoint(engine: Any, point: ResumePoint, universal_dir: str | None = None) -> RankState:
+    """Loads weights + optimizer into ``engine`` (from ``universal_dir``, its converted copy, when
+    given); returns this rank's saved per-rank state (the state of rank ``min(rank, saved_world − 1)``
+    when the world size changed)."""
+    load_root, load_tag = os.path.split(universal_dir) if universal_dir else (point.root, point.tag)
+    load_path, _ = engine.load_checkpoint(load_root, tag=load_tag,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {point.tag_dir}")
-    if universal_tag is not None:
+    if universal_dir is not None:
         _restore_buffers(engine.module, point)
     rank = this_rank()
     source_rank = min(rank, point.world_size - 1)

@@ -114,6 +114,8 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: Optional[str] = "auto"  # "auto": latest in run_dir if any; a path; null: start fresh
     universal: bool = False  # resume a checkpoint written at another world size
+    # How long the other ranks wait for rank 0's universal conversion (InternImage-H: long).
+    universal_timeout_minutes: float = 240.0
 
 
 @dataclass

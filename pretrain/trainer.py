@@ -159,8 +159,9 @@ class Trainer:
 
     def _resume(self, point, resharding: bool) -> dict:
         """Loads ``point`` into the engine, progress, RNG and EMA; returns the loader's state."""
-        universal_tag = prepare_universal(point) if resharding else None
-        rank_state = load_checkpoint(self.engine, point, universal_tag)
+        universal_dir = prepare_universal(point, self.root, self.cfg.checkpoint.universal_timeout_minutes * 60) \
+            if resharding else None
+        rank_state = load_checkpoint(self.engine, point, universal_dir)
         self.progress.load_state_dict(point.state.progress.state_dict())
         if not resharding:  # another world size: other ranks, other streams
             self.random_state.load_state_dict(rank_state.rng)

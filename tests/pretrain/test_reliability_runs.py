@@ -55,3 +55,28 @@ def test_ranks_that_see_different_run_folders_refuse_to_start(demo_data, tmp_pat
     for output in outputs:
         assert "is not one folder shared by every rank" in output and "node-local disk" in output, output[-3000:]
     assert not os.path.exists(tmp_path / "local_disk_1" / "checkpoints")
+
+
+def test_universal_conversion_goes_into_the_resuming_run_and_an_interrupted_one_is_redone(demo_data, tmp_path):
+    source = str(tmp_path / "two_ranks")
+    result = run(_train_cmd(demo_data, source, **{"schedule.total_steps": 2, "eval.at_end": "false"}),
+                 timeout=180)
+    assert result.returncode == 0, tail(result)
+    source_root = os.path.join(source, "checkpoints")
+    run_dir = str(tmp_path / "one_rank")
+    for root in (source_root, os.path.join(run_dir, "checkpoints")):  # an interrupted conversion's leftover
+        os.makedirs(os.path.join(root, "step_00000002_universal", "zero"))
+    before = sorted(os.listdir(source_root))
+    overrides = _overrides(demo_data, run_dir, **{
+        "schedule.total_steps": 3, "eval.at_end": "false", "checkpoint.every_steps": 0,
+        "data.batch_size": 32, "resume": os.path.join(source_root, "step_00000002")})
+    result = run(["bash", "launch/pretrain.sh", "configs/demo.yaml", *overrides], NPROC_PER_NODE=1,
+                 MASTER_PORT=free_port(), timeout=240)
+    assert result.returncode == 0, tail(result)
+    assert "(world size 2 → 1, universal)" in result.stdout + result.stderr
+    assert sorted(os.listdir(source_root)) == before  # nothing written into the source run
+    assert not os.listdir(os.path.join(source_root, "step_00000002_universal", "zero"))
+    root = os.path.join(run_dir, "checkpoints")
+    assert open(os.path.join(root, "latest")).read() == "step_00000003"
+    assert not [n for n in os.listdir(root) if "universal" in n]  # pruned once the run saved its own
+
