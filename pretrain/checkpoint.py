@@ -19,6 +19,7 @@ cleaned before its tag is written again and never counts towards ``keep_last``.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -35,12 +36,12 @@ from typing import Any
 import torch
 
 from .configio import ConfigError
-from .distributed import barrier, broadcast_object, rank as this_rank
+from .distributed import barrier, broadcast_object, gather_objects, rank as this_rank
 from .files import atomic_torch_save, atomic_write_json, atomic_write_text
 from .module import IMAGE_PREFIX
 from .state import RankState, RunState
 
-__all__ = ["ResumePoint", "checkpoint_root", "consolidated_weights", "ema_shards",
+__all__ = ["CheckpointWriteError", "ResumePoint", "checkpoint_root", "consolidated_weights", "ema_shards",
            "export_weights", "load_checkpoint", "prepare_universal", "resolve_resume",
            "save_checkpoint", "step_tag"]
 
@@ -107,39 +108,74 @@ def _is_complete(root: str, tag: str) -> bool:
     return int(m.group(1)) in _complete_steps(root)
 
 
-def _fault_point(name: str, tag: str) -> None:
-    """Fault injection for the crash-during-save test: ``INTERNIMAGE_FAULT=<name>:<tag>:<rank>``
-    makes that rank exit at once, as a kill would, at that point of saving that checkpoint."""
+def _fault_point(name: str, tag: str, path: str = "") -> None:
+    """Fault injection for the save tests: ``INTERNIMAGE_FAULT=<name>:<tag>:<rank>`` makes that rank,
+    at that point of saving that checkpoint, exit at once as a kill would (``save``), or fail to
+    write ``path`` as a full disk would (``enospc``)."""
     spec = os.environ.get("INTERNIMAGE_FAULT", "")
     if not spec:
         return
     fault_name, fault_tag, fault_rank = (spec.split(":") + ["", ""])[:3]
     if fault_name == name and fault_tag in ("", tag) and fault_rank in ("", str(this_rank())):
+        if name == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)", path)
         os._exit(17)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A rank could not write its part of a checkpoint (disk full, I/O error); every rank raises it."""
+
+
+def _written(write) -> str | None:
+    """Runs ``write``; the OSError it raised, as this rank's message, or None."""
+    try:
+        write()
+        return None
+    except OSError as exc:
+        return f"rank {this_rank()}: {exc}"
+
+
+def _agree_written(error: str | None, tag_dir: str, previous: str | None) -> None:
+    """Every rank learns every rank's write error (collective); all raise when there is one."""
+    errors = [e for e in gather_objects(error) if e]
+    if errors:
+        raise CheckpointWriteError(
+            f"checkpoint {tag_dir} was not saved ({'; '.join(errors)}); latest still names "
+            f"{previous or 'no checkpoint'}. Free space or fix the filesystem, then run the same command "
+            "to resume.")
 
 
 def save_checkpoint(engine: Any, root: str, run_state: RunState, rank_state: RankState,
                     keep_last: int) -> str:
     """Writes the checkpoint of ``run_state.step`` on every rank; returns its tag. Collective: all
-    ranks call it."""
+    ranks call it. A write error on any rank (``OSError``: disk full...) leaves ``latest`` where it
+    was and raises ``CheckpointWriteError`` on every rank, naming the path."""
     tag = step_tag(run_state.step)
     tag_dir = os.path.join(root, tag)
     rank = this_rank()
+    previous = _read_latest(root)
     if rank == 0 and os.path.isdir(tag_dir) and not _has_marker(tag_dir):
         shutil.rmtree(tag_dir)  # a crash's partial folder: nothing of it may mix with this save
     barrier()
-    engine.save_checkpoint(root, tag=tag, save_latest=False)
-    atomic_torch_save(rank_state.to_dict(), _rank_file(tag_dir, rank))
-    if rank == 0:
-        atomic_write_json(os.path.join(tag_dir, TRAINER_STATE), {**run_state.to_json(), "format": FORMAT})
+
+    def write_parts() -> None:
+        engine.save_checkpoint(root, tag=tag, save_latest=False)
+        _fault_point("enospc", tag, _rank_file(tag_dir, rank))
+        atomic_torch_save(rank_state.to_dict(), _rank_file(tag_dir, rank))
+        if rank == 0:
+            atomic_write_json(os.path.join(tag_dir, TRAINER_STATE), {**run_state.to_json(), "format": FORMAT})
+
+    error = _written(write_parts)
     _fault_point("save", tag)
-    barrier()  # every rank has written everything: only now may latest move
-    if rank == 0:
+    _agree_written(error, tag_dir, previous)  # every rank has written everything: only now may latest move
+
+    def complete() -> None:
         atomic_write_json(os.path.join(tag_dir, COMPLETE), {"step": run_state.step,
                                                             "world_size": run_state.world_size})
         atomic_write_text(os.path.join(root, "latest"), tag)
         _prune(root, keep_last, current=tag)
-    barrier()
+
+    _agree_written(_written(complete) if rank == 0 else None, tag_dir, previous)
     return tag
 
 

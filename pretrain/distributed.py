@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 __all__ = ["PREEMPTION", "Preemption", "all_ranks", "any_rank", "barrier", "broadcast_object",
            "communication_device",
-           "compute_device", "gather_rows", "gather_rows_with_grad", "init_distributed",
+           "compute_device", "gather_objects", "gather_rows", "gather_rows_with_grad", "init_distributed",
            "init_single_process", "is_main", "leave_distributed", "mean_over_ranks",
            "precision_dtype", "rank", "sum_over_ranks", "sum_tensor_over_ranks", "synchronize",
            "world_size"]
@@ -142,6 +142,15 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=src, device=communication_device())
     return box[0]
+
+
+def gather_objects(value: Any) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+    if world_size() == 1:
+        return [value]
+    out = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def _reduced(values: Sequence[float], op) -> list[float]:

@@ -22,8 +22,8 @@ from internimage.ops import use_reference
 from internimage.data import (SKIP_REASONS, DeviceTransform, Tokenizer, build_eval_loader,
                               build_train_loader)
 
-from .checkpoint import (checkpoint_root, ema_shards, load_checkpoint, prepare_universal,
-                         resolve_resume, save_checkpoint)
+from .checkpoint import (CheckpointWriteError, checkpoint_root, ema_shards, load_checkpoint,
+                         prepare_universal, resolve_resume, save_checkpoint)
 from .config import ConfigError, PretrainConfig, save_config
 from .configio import to_dict
 from .distributed import (PREEMPTION, all_ranks, broadcast_object, compute_device, leave_distributed,
@@ -371,7 +371,8 @@ class Trainer:
 
     def save(self) -> None:
         """A checkpoint of the current step; refuses (NonFiniteError) to write non-finite weights,
-        so ``latest`` keeps naming the last good one."""
+        so ``latest`` keeps naming the last good one. A write error on any rank (disk full) stops
+        every rank with exit code 4, ``latest`` unchanged."""
         if not self._weights_finite():
             raise NonFiniteError(f"weights or EMA hold NaN/inf at step {self.progress.step}: not "
                                  "saved; the run's latest checkpoint is the last finite one.")
@@ -379,7 +380,12 @@ class Trainer:
                              self.ema is not None, to_dict(self.cfg))
         rank_state = RankState(self.loader.state_dict(), self.random_state.state_dict(),
                                self.ema.state_dict() if self.ema is not None else None)
-        save_checkpoint(self.engine, self.root, run_state, rank_state, self.cfg.checkpoint.keep_last)
+        try:
+            save_checkpoint(self.engine, self.root, run_state, rank_state, self.cfg.checkpoint.keep_last)
+        except CheckpointWriteError as exc:  # every rank has it: all leave together, exit 4
+            print(f"rank {self.rank}: {exc}", file=sys.stderr, flush=True)
+            leave_distributed()
+            raise SystemExit(4) from None
         self.saved_step = self.progress.step
 
 

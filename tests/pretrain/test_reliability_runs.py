@@ -80,3 +80,30 @@ def test_universal_conversion_goes_into_the_resuming_run_and_an_interrupted_one_
     assert open(os.path.join(root, "latest")).read() == "step_00000003"
     assert not [n for n in os.listdir(root) if "universal" in n]  # pruned once the run saved its own
 
+
+def test_a_write_error_on_one_rank_stops_every_rank_in_bounded_time_with_latest_unchanged(demo_data, tmp_path):
+    """Disk full on rank 1 while it writes step 4, on two nodes of one process each (separate
+    launchers: nobody kills rank 0 when rank 1 dies; it must learn it)."""
+    run_dir = str(tmp_path / "disk_full")
+    port = free_port()
+    overrides = _overrides(demo_data, run_dir, **{"schedule.total_steps": 4, "eval.at_end": "false",
+                                                  "eval.every_steps": 0})
+    procs = []
+    for node in range(2):
+        env = _node_env("node_rank", node, tmp_path, port)
+        env["INTERNIMAGE_FAULT"] = "enospc:step_00000004:1"
+        procs.append(subprocess.Popen(["bash", "launch/pretrain.sh", "configs/demo.yaml", *overrides], cwd=REPO,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    try:
+        outputs = [p.communicate(timeout=150)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+    assert [p.returncode for p in procs] == [4, 4], outputs[0][-3000:] + outputs[1][-3000:]
+    path = os.path.join(run_dir, "checkpoints", "step_00000004", "rank_00001.pt")
+    for output in outputs:
+        assert "No space left on device (injected)" in output and path in output, output[-3000:]
+        assert "latest still names step_00000002" in output
+    assert open(os.path.join(run_dir, "checkpoints", "latest")).read() == "step_00000002"
