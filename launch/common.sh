@@ -48,6 +48,28 @@ config_argument() {
   fi
 }
 
+# remote_shell_launch: true when the deepspeed launcher starts the other nodes through pdsh, whose
+# remote shell re-parses every argument (braces, $VAR and backticks would expand there): the config
+# check then writes the resolved config to RUN_DIR/launch_config.yaml and only its path is passed.
+remote_shell_launch() {
+  [[ -n "${HOSTFILE:-}" && -z "${NODE_RANK:-}" ]] && ! [[ -n "${SLURM_JOB_ID:-}" && "${SLURM_NNODES:-1}" -gt 1 ]]
+}
+
+# check_config < PYTHON_CHECK: runs the config check read from stdin with CONFIG and ARGS, its output
+# in CHECK_OUTPUT; in a remote-shell launch, CONFIG and ARGS become the resolved config it wrote.
+check_config() {
+  local resolved=""
+  if remote_shell_launch; then
+    resolved="$(mktemp)"
+  fi
+  CHECK_OUTPUT="$(INTERNIMAGE_RESOLVED_OUT="$resolved" "$PYTHON" - "$CONFIG" "${ARGS[@]}")" || exit 2
+  if [[ -n "$resolved" ]]; then
+    CONFIG="$(cat "$resolved")"
+    ARGS=()
+    rm -f "$resolved"
+  fi
+}
+
 launch_ranks() {
   local module="$1"
   shift

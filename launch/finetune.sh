@@ -13,13 +13,14 @@ config_argument configs/finetune_demo.yaml "$@"
 
 # Validate the config and overrides before starting any process (every rank checks again with the
 # real world size); prints the init source when it is the missing demo pretraining run.
-MISSING_DEMO_RUN="$("$PYTHON" - "$CONFIG" "${ARGS[@]}" <<'PY'
+check_config <<'PY'
 import os, sys
 from internimage.pretrain.entry import parse_cli
-from internimage.pretrain.config import ConfigError, load_config
+from internimage.pretrain.config import ConfigError, load_config, write_launch_config
 from internimage.pretrain.finetuning import load_finetune_config
 try:
     cfg = load_finetune_config(sys.argv[1], parse_cli(sys.argv[2:])[1])
+    write_launch_config(cfg)
 except (ConfigError, ValueError) as exc:
     print(f"finetune.sh: config error: {exc}", file=sys.stderr)
     sys.exit(2)
@@ -30,7 +31,7 @@ if not os.path.exists(cfg.init.source):
         print(f"finetune.sh: init.source {cfg.init.source} does not exist", file=sys.stderr)
         sys.exit(2)
 PY
-)" || exit 2
+MISSING_DEMO_RUN="$CHECK_OUTPUT"
 
 if [[ -n "$MISSING_DEMO_RUN" ]]; then
   echo "finetune.sh: no demo pretraining run at $MISSING_DEMO_RUN; running bash launch/pretrain.sh first"

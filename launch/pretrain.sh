@@ -13,12 +13,13 @@ config_argument configs/demo.yaml "$@"
 
 # Validate the config and overrides before starting any process; prints the demo data folder
 # when this config reads the demo shards.
-DEMO_DATA="$("$PYTHON" - "$CONFIG" "${ARGS[@]}" <<'EOF'
+check_config <<'EOF'
 import sys
 from internimage.pretrain.entry import parse_cli
-from internimage.pretrain.config import ConfigError, load_config
+from internimage.pretrain.config import ConfigError, load_config, write_launch_config
 try:
     cfg = load_config(sys.argv[1], parse_cli(sys.argv[2:])[1])
+    write_launch_config(cfg)
 except (ConfigError, ValueError) as exc:
     print(f"pretrain.sh: config error: {exc}", file=sys.stderr)
     sys.exit(2)
@@ -27,7 +28,7 @@ for source in cfg.data.train_sources:
         print(source.shards.split("demo_data/")[0] + "demo_data")
         break
 EOF
-)" || exit 2
+DEMO_DATA="$CHECK_OUTPUT"
 
 if [[ -n "$DEMO_DATA" && ! -f "$DEMO_DATA/classes/val-000000.tar" ]]; then
   echo "pretrain.sh: writing the demo shards to $DEMO_DATA"

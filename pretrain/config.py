@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -301,9 +302,14 @@ def config_tree(path: Optional[str], overrides: list[str], schema: type) -> dict
     each key checked against the dataclass ``schema``."""
     tree = copy.deepcopy(read_yaml_tree(path)) if path is not None else {}
     _reject_renamed_in_tree(tree, f"in {path}")
+    given: dict[str, str] = {}
     for text in overrides:
         keys, value = parse_override(text)
-        keys = OVERRIDE_ALIASES.get(".".join(keys), ".".join(keys)).split(".")
+        dotted = OVERRIDE_ALIASES.get(".".join(keys), ".".join(keys))
+        if dotted in given:  # the last would win silently, e.g. after a remote shell expanded braces
+            raise ConfigError(f"'{dotted}' is given twice ({given[dotted]!r} and {text!r}): give it once.")
+        given[dotted] = text
+        keys = dotted.split(".")
         _reject_renamed(keys, "on the command line")
         apply_override(tree, keys, value, schema)
     return tree
@@ -316,6 +322,28 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> PretrainConfi
 
 def config_to_dict(cfg: PretrainConfig) -> dict:
     return to_dict(cfg)
+
+
+# Characters a remote shell would read as more than a path.
+_SHELL_SPECIAL = set(" \t\n'\"$`\\{}*?[]();&|<>!~#")
+
+
+def write_launch_config(cfg: PretrainConfig) -> None:
+    """For a launch whose ranks receive their arguments through a remote shell (pdsh re-parses
+    them there: a brace pattern would expand into thousands of overrides, ``$VAR`` to the remote
+    value), the resolved config is written once to ``RUN_DIR/launch_config.yaml`` (a folder every
+    node sees) and only its path is passed. Writes that path to the file named by the environment
+    variable INTERNIMAGE_RESOLVED_OUT; does nothing without it."""
+    out = os.environ.get("INTERNIMAGE_RESOLVED_OUT")
+    if not out:
+        return
+    path = os.path.abspath(os.path.join(cfg.run_dir, "launch_config.yaml"))
+    if _SHELL_SPECIAL & set(path):
+        raise ConfigError(f"run_dir {cfg.run_dir!r}: a multi-node launch through pdsh passes its path "
+                          "through a remote shell; use a path without spaces or shell characters.")
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    save_config(cfg, path)
+    atomic_write_text(out, path)
 
 
 def save_config(cfg: PretrainConfig, path: str) -> None:

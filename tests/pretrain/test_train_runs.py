@@ -283,6 +283,44 @@ def test_launchers_explain_themselves_with_help(script):
     assert "Slurm" in result.stdout and "--deepspeed_config" in result.stdout and "torchrun" in result.stdout
 
 
+def test_a_pdsh_launch_passes_one_resolved_config_not_overrides_a_remote_shell_would_expand(tmp_path):
+    """HOSTFILE without NODE_RANK: DeepSpeed's runner starts the nodes through pdsh, whose remote
+    shell re-parses the command line. Stand-ins for ssh and pdsh record what would run remotely."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text("#!/bin/sh\necho 127.0.0.1\n")
+    (bin_dir / "pdsh").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/pdsh_args\n')
+    for tool in ("ssh", "pdsh"):
+        (bin_dir / tool).chmod(0o755)
+    (tmp_path / "hostfile").write_text("nodeA slots=1\nnodeB slots=1\n")
+    run_dir = tmp_path / "run"
+    shards = "/data/laion/{000000..004095}.tar"
+    env = cpu_env(PATH=f"{bin_dir}:{os.environ['PATH']}", HOSTFILE=tmp_path / "hostfile",
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+    result = subprocess.run(["bash", "launch/pretrain.sh", "configs/demo.yaml", f"run_dir={run_dir}",
+                             f"data.train_sources.0.shards={shards}", "data.val_shards=/data/$HOME/val.tar"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, tail(result)
+    pdsh_args = (tmp_path / "pdsh_args").read_text().splitlines()
+    remote_command = " ".join(pdsh_args[pdsh_args.index("-w") + 2:])  # pdsh joins them for the remote shell
+    resolved = run_dir / "launch_config.yaml"
+    assert remote_command.endswith(f" internimage.pretrain.train {resolved}"), remote_command
+    # What the remote shell parses: the config path and nothing else of ours.
+    parsed = subprocess.run(["bash", "-c", f"printf '%s\\n' {remote_command.split('internimage.pretrain.train ')[1]}"],
+                            capture_output=True, text=True).stdout.split()
+    assert parsed == [str(resolved)]
+    from internimage.pretrain.config import load_config
+    cfg = load_config(str(resolved))
+    assert cfg.data.train_sources[0].shards == shards and cfg.data.val_shards == "/data/$HOME/val.tar"
+
+
+def test_an_override_given_twice_is_an_error_not_last_wins(tmp_path):
+    result = run(["bash", "launch/pretrain.sh", "configs/demo.yaml", f"run_dir={tmp_path}/r", "optim.lr=1e-3",
+                  "optim.lr=2e-3"])
+    assert result.returncode == 2
+    assert "'optim.lr' is given twice ('optim.lr=1e-3' and 'optim.lr=2e-3'): give it once." in result.stderr
+
+
 def test_bad_config_key_is_rejected_before_any_process_starts(tmp_path):
     run_dir = str(tmp_path / "never")
     t0 = time.time()
