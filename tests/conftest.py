@@ -1,4 +1,4 @@
-"""Markers of the whole suite. The fast part runs in about a minute:
+"""Markers of the whole suite. The fast part runs in a few minutes on 2 cores:
 
     python -m pytest -q tests -m "not multiprocess and not slow"
 
