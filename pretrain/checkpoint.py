@@ -154,8 +154,13 @@ def save_checkpoint(engine: Any, root: str, run_state: RunState, rank_state: Ran
     tag_dir = os.path.join(root, tag)
     rank = this_rank()
     previous = _read_latest(root)
-    if rank == 0 and os.path.isdir(tag_dir) and not _has_marker(tag_dir):
-        shutil.rmtree(tag_dir)  # a crash's partial folder: nothing of it may mix with this save
+    if rank == 0 and os.path.isdir(tag_dir):
+        # A crash's partial folder, or this step saved before (a run resumed from an older step):
+        # nothing of it may mix with this save, and its marker goes first, so a crash while it is
+        # removed or rewritten never leaves a folder that claims to be complete.
+        if _has_marker(tag_dir):
+            os.remove(os.path.join(tag_dir, COMPLETE))
+        shutil.rmtree(tag_dir)
     barrier()
 
     def write_parts() -> None:

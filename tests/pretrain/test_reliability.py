@@ -161,3 +161,24 @@ def test_a_rank_file_of_the_previous_format_still_loads(tmp_path):
     point = _point_with_rank_file(tmp_path, {"loader": {"batches": 1}, "rng": old_rng, "ema": None})
     RandomState(torch.Generator()).load_state_dict(ckpt._read_rank_state(point, 0).rng)
     assert _draws() == expected
+
+
+def test_a_step_saved_again_never_claims_completeness_while_it_is_rewritten(tmp_path, capsys):
+    """A run resumed from step 2 saves step 4 again; it crashes in DeepSpeed's part of that save."""
+    run_dir = str(tmp_path)
+    root = ckpt.checkpoint_root(run_dir)
+    for step in (2, 4):
+        _save(root, step)
+
+    class Crash(Exception):
+        pass
+
+    class CrashingEngine(FakeEngine):
+        def save_checkpoint(self, root, tag, save_latest):
+            super().save_checkpoint(root, tag, save_latest)
+            raise Crash
+
+    with pytest.raises(Crash):
+        ckpt.save_checkpoint(CrashingEngine(), root, RunState(Progress(step=4), 1, 100, False), RankState({}, {}), 3)
+    assert not os.path.exists(os.path.join(root, "step_00000004", ckpt.COMPLETE))
+    assert ckpt.resolve_resume("auto", run_dir).tag == "step_00000002"
