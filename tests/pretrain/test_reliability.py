@@ -182,3 +182,26 @@ def test_a_step_saved_again_never_claims_completeness_while_it_is_rewritten(tmp_
         ckpt.save_checkpoint(CrashingEngine(), root, RunState(Progress(step=4), 1, 100, False), RankState({}, {}), 3)
     assert not os.path.exists(os.path.join(root, "step_00000004", ckpt.COMPLETE))
     assert ckpt.resolve_resume("auto", run_dir).tag == "step_00000002"
+
+
+# -- the run folder's lock ---------------------------------------------------------------------------
+def _write_lock(run_dir, **record):
+    with open(os.path.join(run_dir, ".lock"), "w") as f:
+        json.dump({"nonce": "old", **record}, f)
+
+
+def test_a_lock_from_another_host_is_stale_only_when_nobody_holds_its_flock(tmp_path):
+    import fcntl
+    from internimage.pretrain.files import RunFolderLocked, RunLock
+    run_dir = str(tmp_path)
+    _write_lock(run_dir, host="other-node", pid=1, job="77")
+    fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the holder on the other node is alive
+    with pytest.raises(RunFolderLocked, match="host other-node, pid 1, job 77"):
+        RunLock(run_dir).acquire()
+    os.close(fd)  # ... and now it is dead
+    lock = RunLock(run_dir)
+    assert lock.acquire()["pid"] == os.getpid()
+    assert RunLock.read(run_dir)["nonce"] == lock.info["nonce"]
+    lock.release()
+    assert not os.path.exists(os.path.join(run_dir, ".lock"))
