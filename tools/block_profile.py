@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -22,6 +20,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from internimage.model import create_model
 from internimage.ops import kernels_available
+
+from machine import machine_info  # tools/machine.py (python puts tools/ on the path)
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("forward", "backward", "optimizer")
@@ -107,9 +107,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"command": f"python tools/block_profile.py --model {args.model} --img-size {args.img_size} "
                          f"--batch {args.batch}",
-              "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or "unknown",
-                          "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "load_average_at_end": os.getloadavg()},
+              "machine": machine_info(),
               "dcnv3": "fused CPU kernel" if fused else "reference", "step_ms_median_of_3": unprofiled_ms,
               "profiled_step_wall_ms": wall_ms,
               "phase_ms": {p: phase_us.get(p, 0) / 1e3 for p in PHASES}, "rows": rows}

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +30,8 @@ from pathlib import Path
 import torch
 
 from internimage.model import create_model
+
+from machine import machine_info  # tools/machine.py (python puts tools/ on the path)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,9 +128,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"command": f"python tools/ema_step_time.py --model {args.model} --world {args.world} "
                          f"--steps {args.steps} --rounds {args.rounds}",
-              "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or "unknown",
-                          "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "load_average_at_end": os.getloadavg()},
+              "machine": machine_info(),
               "model": args.model, "world": args.world, "elements_per_rank": sum(sizes),
               "decay": args.decay, "rows": rows}
     out.write_text(json.dumps(report, indent=1) + "\n")
