@@ -12,7 +12,6 @@ stay continuous; the streams then restart from fresh seeded positions, not the o
 from __future__ import annotations
 
 import logging
-import signal
 
 from torch.utils.data import DataLoader
 
@@ -140,7 +139,7 @@ class TrainLoader:
                                   list(self.slot_states), self.num_classes)
             loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
                                 prefetch_factor=2 if self.cfg.workers else None,
-                                pin_memory=self.cfg.pin_memory, worker_init_fn=ignore_stop_signals)
+                                pin_memory=self.cfg.pin_memory)
             self._loader_iter = iter(loader)
         batch = next(self._loader_iter)
         self.slot_states[self.batches % self.layout.slots] = batch.pop(STATE_KEY)
@@ -187,23 +186,13 @@ class EvalLoader:
         dataset = EvalStream(self.cfg, self.plan, self.num_classes)
         workers = min(self.cfg.workers, len(self.plan.worker_ranges))
         loader = DataLoader(dataset, batch_size=None, num_workers=workers,
-                            prefetch_factor=2 if workers else None, worker_init_fn=ignore_stop_signals)
+                            prefetch_factor=2 if workers else None)
         produced = 0
         for batch in loader:
             produced += 1
             yield batch
         for _ in range(self.num_batches - produced):
             yield padding_batch(self.cfg)
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """In each loader worker: SIGTERM and SIGINT are the rank's to act on. Slurm (scancel, the time
-    limit) and the deepspeed launcher signal every process of the job, workers included; a worker that
-    died of it would make its rank raise "DataLoader worker killed by signal" wherever it is — in the
-    middle of its preemption checkpoint too. Workers still stop with their rank: the DataLoader ends
-    them when the rank exits, and they exit by themselves when their rank is gone."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_eval_loader(cfg: DataConfig, rank: int, world_size: int,

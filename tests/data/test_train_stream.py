@@ -236,21 +236,3 @@ def test_a_restore_of_a_stream_or_compressed_shard_reads_up_to_the_chunk(tmp_pat
     expected = [reader.next().key for _ in range(40)]  # crosses into the next pass
     restored = SourceReader(source, [0], shuffle_buffer=7, counter=SkipCounter(), state=state)
     assert [restored.next().key for _ in range(40)] == expected
-
-
-def test_a_stop_signal_to_every_process_leaves_the_workers_to_their_rank(eight_shards):
-    """Slurm and the deepspeed launcher signal every process of a job; the rank decides (it saves a
-    checkpoint first), so a worker that receives SIGTERM or SIGINT keeps serving batches."""
-    import signal
-    import psutil
-    cfg = small_config([SourceConfig("c", eight_shards, kind="class")], workers=2)
-    loader = build_train_loader(cfg, 0, 1)
-    before = {p.pid for p in psutil.Process().children()}
-    take(loader, 2)  # the workers are up
-    workers = [p for p in psutil.Process().children() if p.pid not in before]
-    assert len(workers) == 2
-    for worker in workers:
-        worker.send_signal(signal.SIGTERM)
-        worker.send_signal(signal.SIGINT)
-    assert len(take(loader, 8)) == 8
-    assert all(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
