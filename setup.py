@@ -97,7 +97,7 @@ setup(
     cmdclass=cmdclass,
     install_requires=[
         "torch>=2.4",
-        "deepspeed>=0.15",
+        "deepspeed>=0.18.0",  # universal resume at another world size fails before 0.18
         "webdataset>=0.2.86",
         "tensorboard>=2.14",
         "pyyaml>=6.0",

@@ -83,6 +83,9 @@ class RunState:
     total_steps: int
     ema: bool  # the run kept an EMA (every rank file holds its shard)
     config: dict = field(default_factory=dict)  # the resolved config, as saved in RUN_DIR/config.yaml
+    # The global batch the schedule's steps and epochs are read in: the run's first start's
+    # (optim.Schedule). None: a checkpoint from before it was kept; its own global batch stands in.
+    schedule_batch: Optional[int] = None
 
     @property
     def step(self) -> int:
@@ -90,14 +93,23 @@ class RunState:
 
     def to_json(self) -> dict[str, Any]:
         return {**self.progress.state_dict(), "world_size": self.world_size,
-                "total_steps": self.total_steps, "ema": self.ema, "config": self.config}
+                "total_steps": self.total_steps, "ema": self.ema, "config": self.config,
+                "schedule_batch": self.schedule_batch}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RunState":
         progress = Progress()
         progress.load_state_dict(data)
         return cls(progress, int(data["world_size"]), int(data["total_steps"]), bool(data["ema"]),
-                   data.get("config", {}))
+                   data.get("config", {}), data.get("schedule_batch"))
+
+    def run_schedule_batch(self) -> Optional[int]:
+        """``schedule_batch``, or for an older checkpoint the global batch it was written at."""
+        if self.schedule_batch is not None:
+            return self.schedule_batch
+        batch_size = self.config.get("data", {}).get("batch_size")
+        accum = self.config.get("optim", {}).get("grad_accum", 1)
+        return int(batch_size) * int(accum) * self.world_size if batch_size else None
 
 
 @dataclass

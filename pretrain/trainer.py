@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -34,7 +33,7 @@ from .files import RunFolderLocked, RunLock
 from .guards import NonFiniteError, gradients_finite, tensors_finite, unpadded
 from .metrics import (MetricsWriter, ProgressLine, device_memory_stats, device_peak_tflops,
                       peak_memory_gib, reset_peak_memory, train_tflops_per_image)
-from .optim import cosine_lr, set_lr
+from .optim import Schedule, set_lr
 from .state import Progress, RandomState, RankState, RunState
 
 __all__ = ["Trainer"]
@@ -94,11 +93,14 @@ class Trainer:
                                          num_classes=cfg.model.num_classes)
         self.transform = DeviceTransform(cfg.data, cfg.model.num_classes)
         self.eval_transform = DeviceTransform(cfg.data, cfg.model.num_classes, eval=True)
-        self.steps_per_epoch = max(1, self.loader.steps_per_epoch // cfg.optim.grad_accum)
-        self.total_steps = cfg.schedule.total_steps or max(1, math.ceil(cfg.schedule.epochs *
-                                                                        self.steps_per_epoch))
-        self.warmup_steps = cfg.schedule.warmup_steps if cfg.schedule.warmup_steps is not None \
-            else round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
+        global_batch = cfg.data.batch_size * cfg.optim.grad_accum * self.world
+        schedule_batch = (point.state.run_schedule_batch() if point is not None else None) or global_batch
+        self.schedule = Schedule.from_config(cfg.schedule, self.loader.epoch_samples, schedule_batch)
+        self.total_steps = self.progress.step + self.schedule.steps_left(self.progress.samples, global_batch)
+        if self.is_main:
+            print(f"schedule: {self.schedule.total_samples:,} samples, warm-up {self.schedule.warmup_samples:,} "
+                  f"(read at a global batch of {schedule_batch}); {self.total_steps - self.progress.step:,} "
+                  f"steps of {global_batch} images to go", flush=True)
         self.peak_lr = scaled_lr(cfg, self.world)
         self.metrics = MetricsWriter(cfg.run_dir, self.is_main, cfg.logging.tensorboard,
                                      resumed_at=self.progress.step)
@@ -193,8 +195,8 @@ class Trainer:
     def _optimizer_step(self, batches) -> tuple[dict, float]:
         """One optimizer step over ``grad_accum`` finite micro-batches whose gradients are finite;
         returns (this rank's mean losses as device tensors, data wait s)."""
-        set_lr(self.optimizer, cosine_lr(self.progress.step, self.total_steps, self.warmup_steps,
-                                         self.peak_lr, self.cfg.optim.min_lr, self.cfg.optim.warmup_lr))
+        set_lr(self.optimizer, self.schedule.lr(self.progress.samples, self.peak_lr, self.cfg.optim.min_lr,
+                                                self.cfg.optim.warmup_lr))
         accum = self.cfg.optim.grad_accum
         sums: dict[str, torch.Tensor] = {}
         wait, done = 0.0, 0
@@ -377,7 +379,7 @@ class Trainer:
             raise NonFiniteError(f"weights or EMA hold NaN/inf at step {self.progress.step}: not "
                                  "saved; the run's latest checkpoint is the last finite one.")
         run_state = RunState(Progress(**self.progress.state_dict()), self.world, self.total_steps,
-                             self.ema is not None, to_dict(self.cfg))
+                             self.ema is not None, to_dict(self.cfg), self.schedule.schedule_batch)
         rank_state = RankState(self.loader.state_dict(), self.random_state.state_dict(),
                                self.ema.state_dict() if self.ema is not None else None)
         try:

@@ -1,5 +1,7 @@
 """Schedule and parameter groups: warm-up + cosine per step; LLRD/DCN scales; no decay on 1-D."""
 
+import os
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from internimage.model import create_model, param_lr_scales
 from internimage.pretrain.engine import param_groups
 from internimage.pretrain.module import PretrainModule
 from internimage.pretrain.optim import cosine_lr, set_lr
+from tests.paths import REPO
 
 
 def test_warmup_rises_linearly_then_cosine_falls_to_min_lr():
@@ -50,3 +53,22 @@ def test_set_lr_scales_each_group():
     set_lr(optimizer, 2.0)
     assert {round(g["lr"] / g["lr_scale"], 9) for g in optimizer.param_groups} == {2.0}
     assert len({g["lr"] for g in optimizer.param_groups}) > 2
+
+
+def test_the_h_recipe_resumed_on_half_the_ranks_keeps_its_length_and_lr_curve():
+    """Issue #13's example: H at 256 ranks × 32 (8,192 images a step), resumed on 128 ranks at step 100k.
+    Counted in steps, the new run would be 366,210 steps long and its LR 4.2e-4; counted in samples it
+    keeps the 183,090-step length of 8,192 and the LR the linear scaling rule gives half the batch."""
+    from internimage.pretrain.config import load_config
+    from internimage.pretrain.engine import scaled_lr
+    from internimage.pretrain.optim import Schedule
+    cfg = load_config(os.path.join(REPO, "configs", "pretrain_internimage_h_laion_22k.yaml"), [])
+    schedule = Schedule.from_config(cfg.schedule, cfg.data.epoch_samples, schedule_batch=32 * 256)
+    assert schedule.total_samples == 183_090 * 8192 and schedule.warmup_samples == 3_052 * 8192
+    samples = 100_000 * 8192
+    assert 100_000 + schedule.steps_left(samples, global_batch=32 * 128) == 100_000 + 2 * 83_090
+
+    def lr(world):
+        return schedule.lr(samples, scaled_lr(cfg, world), cfg.optim.min_lr, cfg.optim.warmup_lr)
+    assert lr(256) == pytest.approx(4.40e-4, abs=5e-7)
+    assert lr(128) == pytest.approx(2.20e-4, abs=5e-7)  # half the peak, same point of the curve

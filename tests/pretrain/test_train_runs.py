@@ -231,6 +231,44 @@ def test_universal_checkpoint_resumes_two_process_run_in_one_process(reference_r
     _assert_same_weights(_weights(run_dir, ema=True), _weights(reference_run, ema=True))
 
 
+def _resume_at(start_tag_dir, run_dir, processes, batch_size):
+    """The reference run's config, resumed from ``start_tag_dir`` on ``processes`` ranks of ``batch_size``."""
+    overrides = [o for o in _overrides("unused", run_dir) if not o.startswith("data.")]
+    cfg = json.load(open(os.path.join(start_tag_dir, "trainer_state.json")))["config"]["data"]
+    overrides += [f"data.train_sources.0.shards={cfg['train_sources'][0]['shards']}",
+                  f"data.val_shards={cfg['val_shards']}", f"resume={start_tag_dir}",
+                  f"data.batch_size={batch_size}", "eval.at_end=false"]
+    result = run(["bash", "launch/pretrain.sh", "configs/demo.yaml", *overrides],
+                 NPROC_PER_NODE=processes, MASTER_PORT=free_port())
+    assert result.returncode == 0, tail(result)
+    assert "universal" in result.stdout + result.stderr
+    return _train_metrics(run_dir)[0]
+
+
+def test_a_run_resumed_at_another_world_size_keeps_its_schedule_in_samples(reference_run, tmp_path):
+    """The schedule is STEPS steps of 32 images (2 ranks × 16): 192 samples. Resumed at step 4 on one
+    rank of 16 it needs 4 more steps; that run resumed at step 6 on two ranks of 16 needs one. The LR
+    continues where the uninterrupted run had it at the same sample (the demo's LR is not scaled
+    with the batch: optim.base_batch_size is null)."""
+    reference, _ = _train_metrics(reference_run)
+    lr_at_samples = {32 * (r["step"] - 1): r["lr"] for r in reference}  # LR of the step starting there
+
+    shrunk_dir = str(tmp_path / "one_rank")
+    shrunk = _resume_at(os.path.join(reference_run, "checkpoints", "step_00000004"), shrunk_dir, 1, 16)
+    assert [r["step"] for r in shrunk] == [5, 6, 7, 8]
+    assert [r["samples_seen"] for r in shrunk] == [144, 160, 176, 192]
+    assert shrunk[0]["lr"] == pytest.approx(lr_at_samples[128], rel=1e-6)  # continues, not restarted
+    assert shrunk[2]["lr"] == pytest.approx(lr_at_samples[160], rel=1e-6)
+    assert _state(shrunk_dir)["step"] == 8 and _state(shrunk_dir)["samples"] == 192
+
+    grown_dir = str(tmp_path / "two_ranks_again")
+    grown = _resume_at(os.path.join(shrunk_dir, "checkpoints", "step_00000006"), grown_dir, 2, 16)
+    assert [(r["step"], r["samples_seen"]) for r in grown] == [(7, 192)]
+    assert grown[0]["lr"] == pytest.approx(lr_at_samples[160], rel=1e-6)
+    state = _state(grown_dir)
+    assert state["world_size"] == 2 and state["samples"] == 192 and state["schedule_batch"] == 32
+
+
 def test_export_loads_into_create_model(reference_run, tmp_path):
     from internimage.model import create_model
     for ema in (False, True):
