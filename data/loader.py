@@ -21,6 +21,7 @@ from .faults import REASONS
 from .shards import check_shards_exist, expand_shards, read_sample_counts
 from .sources import SourceShards, member_policy
 from .stream import STATE_KEY, Layout, TrainStream
+from .worker_signals import leave_job_signals_to_the_rank
 
 LOGGER = logging.getLogger("internimage.data")
 
@@ -139,7 +140,7 @@ class TrainLoader:
                                   list(self.slot_states), self.num_classes)
             loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
                                 prefetch_factor=2 if self.cfg.workers else None,
-                                pin_memory=self.cfg.pin_memory)
+                                pin_memory=self.cfg.pin_memory, worker_init_fn=leave_job_signals_to_the_rank)
             self._loader_iter = iter(loader)
         batch = next(self._loader_iter)
         self.slot_states[self.batches % self.layout.slots] = batch.pop(STATE_KEY)
@@ -186,7 +187,8 @@ class EvalLoader:
         dataset = EvalStream(self.cfg, self.plan, self.num_classes)
         workers = min(self.cfg.workers, len(self.plan.worker_ranges))
         loader = DataLoader(dataset, batch_size=None, num_workers=workers,
-                            prefetch_factor=2 if workers else None)
+                            prefetch_factor=2 if workers else None,
+                            worker_init_fn=leave_job_signals_to_the_rank)
         produced = 0
         for batch in loader:
             produced += 1
