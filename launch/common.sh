@@ -1,7 +1,7 @@
 # Shared by launch/pretrain.sh and launch/finetune.sh (sourced, not run).
 #
 # launch_ranks MODULE ARGS...: runs `python -m MODULE ARGS...` on every rank through the `deepspeed`
-# launcher, replacing the calling shell:
+# launcher and exits with its code (0 too when the ranks saved for a stop signal, see run_launcher):
 #   one node      default; all GPUs, or NPROC_PER_NODE CPU processes (2) when there is no GPU
 #   several nodes HOSTFILE=path (MPI style: "host slots=N" per line), optional NUM_NODES,
 #                 MASTER_ADDR, MASTER_PORT; the deepspeed launcher reaches the other nodes by ssh (pdsh)
@@ -111,5 +111,51 @@ launch_ranks() {
     [[ -n "${MASTER_ADDR:-}" ]] && LAUNCH+=(--master_addr "$MASTER_ADDR")
   fi
 
-  exec "${LAUNCH[@]}" --no_local_rank --module "$module" "$@"
+  run_launcher "${LAUNCH[@]}" --no_local_rank --module "$module" "$@"
+}
+
+# run_launcher COMMAND...: runs the launcher and exits with its code, leaving stop signals to the
+# ranks (each saves a checkpoint, then exits 0). The launcher and this shell get the signals of a
+# whole job too (Slurm, kill -TERM -PGID, Ctrl-C); the deepspeed runner ignores TERM, INT and USR1
+# (set before exec, inherited), launch.py ignores USR1 but catches TERM and INT itself: it passes
+# them on and SIGKILLs the ranks still alive 30 s later, then exits 1 — hence RUN_DIR's preemption
+# record decides the exit code. A signal to this shell alone (sbatch --signal=B:USR1) is passed to
+# the ranks as SIGUSR1, which no launcher process acts on: the ranks save without a time limit.
+run_launcher() {
+  local started
+  started="$(date +%s)"
+  ( trap '' TERM INT USR1; exec "$@" ) &
+  local launcher=$!
+  # shellcheck disable=SC2064  # the pid is fixed now
+  trap "forward_stop_signal $launcher" TERM INT USR1 HUP
+  local code=0
+  while true; do
+    wait "$launcher" && code=0 || code=$?
+    kill -0 "$launcher" 2>/dev/null || break  # ended; else a trapped signal interrupted the wait
+  done
+  trap - TERM INT USR1 HUP
+  local record="${RUN_DIR:-}/preempted.json"
+  if [[ "$code" != 0 && -n "${RUN_DIR:-}" && -f "$record" ]] && (( $(stat -c %Y "$record") >= started )); then
+    echo "$(basename "$0"): the ranks saved a checkpoint for a stop signal ($(cat "$record")); the" \
+         "launcher's exit code $code is its own reaction to the signal. Run the same command to resume." >&2
+    code=0
+  fi
+  exit "$code"
+}
+
+# forward_stop_signal PID: SIGUSR1 to every process below PID (ranks act on it; the launcher
+# processes and the data-loader workers ignore it).
+forward_stop_signal() {
+  local pids
+  pids="$(descendants "$1")"
+  [[ -n "$pids" ]] && kill -USR1 $pids 2>/dev/null
+  return 0
+}
+
+descendants() {
+  local child
+  for child in $(pgrep -P "$1"); do
+    echo "$child"
+    descendants "$child"
+  done
 }

@@ -12,7 +12,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 config_argument configs/finetune_demo.yaml "$@"
 
 # Validate the config and overrides before starting any process (every rank checks again with the
-# real world size); prints the init source when it is the missing demo pretraining run.
+# real world size); prints the run folder, then the init source when it is the missing demo
+# pretraining run.
 check_config <<'PY'
 import os, sys
 from internimage.pretrain.entry import parse_cli
@@ -24,6 +25,7 @@ try:
 except (ConfigError, ValueError) as exc:
     print(f"finetune.sh: config error: {exc}", file=sys.stderr)
     sys.exit(2)
+print(cfg.run_dir)
 if not os.path.exists(cfg.init.source):
     if os.path.abspath(cfg.init.source) == os.path.abspath(load_config("configs/demo.yaml").run_dir):
         print(cfg.init.source)
@@ -31,7 +33,8 @@ if not os.path.exists(cfg.init.source):
         print(f"finetune.sh: init.source {cfg.init.source} does not exist", file=sys.stderr)
         sys.exit(2)
 PY
-MISSING_DEMO_RUN="$CHECK_OUTPUT"
+RUN_DIR="$(sed -n 1p <<<"$CHECK_OUTPUT")"
+MISSING_DEMO_RUN="$(sed -n 2p <<<"$CHECK_OUTPUT")"
 
 if [[ -n "$MISSING_DEMO_RUN" ]]; then
   echo "finetune.sh: no demo pretraining run at $MISSING_DEMO_RUN; running bash launch/pretrain.sh first"

@@ -11,8 +11,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 config_argument configs/demo.yaml "$@"
 
-# Validate the config and overrides before starting any process; prints the demo data folder
-# when this config reads the demo shards.
+# Validate the config and overrides before starting any process; prints the run folder, then the
+# demo data folder when this config reads the demo shards.
 check_config <<'EOF'
 import sys
 from internimage.pretrain.entry import parse_cli
@@ -23,12 +23,14 @@ try:
 except (ConfigError, ValueError) as exc:
     print(f"pretrain.sh: config error: {exc}", file=sys.stderr)
     sys.exit(2)
+print(cfg.run_dir)
 for source in cfg.data.train_sources:
     if "demo_data/" in source.shards:
         print(source.shards.split("demo_data/")[0] + "demo_data")
         break
 EOF
-DEMO_DATA="$CHECK_OUTPUT"
+RUN_DIR="$(sed -n 1p <<<"$CHECK_OUTPUT")"
+DEMO_DATA="$(sed -n 2p <<<"$CHECK_OUTPUT")"
 
 if [[ -n "$DEMO_DATA" && ! -f "$DEMO_DATA/classes/val-000000.tar" ]]; then
   echo "pretrain.sh: writing the demo shards to $DEMO_DATA"

@@ -1,4 +1,4 @@
-"""Atomic file writes, and the run folder's lock.
+"""Atomic file writes, the run folder's lock, and its record of a preemption.
 
 Atomic writes: a reader sees the old file or the new one, never a half-written one.
 
@@ -11,6 +11,11 @@ of its holder and a nonce (the other ranks read it to confirm they see rank 0's 
 also keeps an ``flock`` on it. A lock is stale when its holder is dead: on the same host, its pid is
 gone (or no longer holds the ``flock``); on another host, its ``flock`` can be taken (on a filesystem
 without working ``flock`` such a lock is never judged stale: delete it by hand).
+
+The preemption record (``RUN_DIR/preempted.json``): written by rank 0 once every rank saved and is
+about to exit 0 for a stop signal; removed when a run starts. The launch scripts read it because the
+deepspeed launcher exits 1 whenever it was signalled, even when every rank saved and exited 0; a
+Slurm script reads it to requeue.
 """
 from __future__ import annotations
 
@@ -25,7 +30,10 @@ from typing import Any, Callable, IO
 
 import torch
 
-__all__ = ["RunFolderLocked", "RunLock", "atomic_torch_save", "atomic_write_json", "atomic_write_text"]
+__all__ = ["PREEMPTED_FILE", "RunFolderLocked", "RunLock", "atomic_torch_save", "atomic_write_json",
+           "atomic_write_text", "clear_preemption", "record_preemption"]
+
+PREEMPTED_FILE = "preempted.json"
 
 
 def _atomic(path: str, write: Callable[[IO], None], mode: str) -> None:
@@ -47,6 +55,19 @@ def atomic_write_json(path: str, value: Any) -> None:
 
 def atomic_torch_save(obj: Any, path: str) -> None:
     _atomic(path, lambda f: torch.save(obj, f), "wb")
+
+
+def record_preemption(run_dir: str, **where: Any) -> None:
+    """Rank 0, after every rank saved for a stop signal; ``where``: e.g. step=N, or stage=NAME."""
+    atomic_write_json(os.path.join(run_dir, PREEMPTED_FILE), {**where, "time": time.time()})
+
+
+def clear_preemption(run_dir: str) -> None:
+    """Rank 0, when a run starts: a record is only ever about the latest launch."""
+    try:
+        os.remove(os.path.join(run_dir, PREEMPTED_FILE))
+    except FileNotFoundError:
+        pass
 
 
 class RunFolderLocked(RuntimeError):

@@ -29,7 +29,7 @@ from .config import ConfigError, PretrainConfig, config_tree
 from .configio import closest_key_hint, from_dict, merge_trees, to_dict
 from .distributed import PREEMPTION, barrier, rank as this_rank, world_size
 from .engine import free_memory, release_engine
-from .files import atomic_torch_save, atomic_write_json
+from .files import atomic_torch_save, atomic_write_json, clear_preemption, record_preemption
 from .trainer import Trainer
 
 __all__ = ["FinetuneConfig", "InitConfig", "Stage", "load_finetune_config", "prepare_stage_weights",
@@ -301,11 +301,14 @@ def run_finetune(cfg: FinetuneConfig) -> int:
     """Runs the stages in order, skipping finished ones; 0 when done or preempted."""
     rank, world = this_rank(), world_size()
     PREEMPTION.install()
+    if rank == 0:
+        clear_preemption(cfg.run_dir)
     results = []
     for index in range(len(cfg.stages)):
         result = None if PREEMPTION.agreed() else _run_stage(cfg, index, world, rank)
         if result is None:
             if rank == 0:
+                record_preemption(cfg.run_dir, stage=cfg.stage(index).name)
                 print(f"stopped inside stage {cfg.stage(index).name}; the same command resumes it", flush=True)
             return 0
         results.append(result)

@@ -29,7 +29,7 @@ from .distributed import (PREEMPTION, all_ranks, broadcast_object, compute_devic
                           mean_over_ranks, precision_dtype, rank, sum_over_ranks, synchronize, world_size)
 from .ema import ShardedEMA, assemble_full_ema, local_master_fp32
 from .engine import build_engine, build_module, scaled_lr
-from .files import RunFolderLocked, RunLock
+from .files import RunFolderLocked, RunLock, clear_preemption, record_preemption
 from .guards import NonFiniteError, gradients_finite, tensors_finite, unpadded
 from .metrics import (MetricsWriter, ProgressLine, device_memory_stats, device_peak_tflops,
                       peak_memory_gib, reset_peak_memory, train_tflops_per_image)
@@ -119,6 +119,7 @@ class Trainer:
             except RunFolderLocked as exc:
                 refusal = str(exc)
             if refusal is None:
+                clear_preemption(cfg.run_dir)
                 os.makedirs(self.root, exist_ok=True)
                 save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
                 try:
@@ -261,6 +262,7 @@ class Trainer:
                 if self.saved_step != self.progress.step:  # never rewrite the checkpoint `latest` names
                     self.save()
                 if self.is_main:
+                    record_preemption(cfg.run_dir, step=self.progress.step)
                     print(f"preempted: checkpoint saved at step {self.progress.step}, exiting", flush=True)
                 self.metrics.close()
                 return 0

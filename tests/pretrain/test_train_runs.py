@@ -177,6 +177,29 @@ def test_preemption_signal_on_one_rank_checkpoints_all_ranks_and_exits_cleanly(d
     assert 1 <= state["step"] < 500
 
 
+def test_a_stop_signal_to_the_whole_job_saves_exits_0_and_the_same_command_finishes_the_run(
+        demo_data, reference_run, tmp_path):
+    """SIGTERM to every process of `launch/pretrain.sh` (what Slurm and `kill -TERM -PGID` do): data
+    workers included, and the deepspeed launcher, which exits 1 once signalled."""
+    run_dir = str(tmp_path / "job_signalled")
+    cmd = ["bash", "launch/pretrain.sh", "configs/demo.yaml", *_overrides(demo_data, run_dir)]
+    proc = _start(cmd)  # its own process group
+    reached = _wait_for(lambda: _latest(run_dir) == "step_00000002", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert reached and proc.returncode == 0, output[-6000:]
+    assert "preempted: checkpoint saved" in output and "killed by signal" not in output, output[-6000:]
+    step = _state(run_dir)["step"]
+    assert 2 <= step < STEPS and _latest(run_dir) == f"step_{step:08d}"
+    assert json.load(open(os.path.join(run_dir, "preempted.json")))["step"] == step
+
+    result = run(cmd)
+    assert result.returncode == 0, tail(result)
+    assert not os.path.exists(os.path.join(run_dir, "preempted.json"))
+    _assert_same_weights(_weights(run_dir), _weights(reference_run))
+    _assert_same_weights(_weights(run_dir, ema=True), _weights(reference_run, ema=True))
+
+
 def _node_env(mode: str, node: int, tmp_path, port: int) -> dict:
     """How each of 2 nodes learns its place: a hostfile plus NODE_RANK, or Slurm's variables (a
     stand-in `scontrol` expands the node list to two names of this machine)."""
