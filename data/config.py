@@ -76,6 +76,10 @@ class DataConfig:
     # A pipe: or URL shard that delivers no byte for this long is given up (its process killed)
     # and counted like a cut or unopenable shard.
     read_timeout_s: float = 300.0
+    # No batch from the loader workers for this long (a read no timeout covers: a hung filesystem,
+    # a stuck decoder) stops the rank with an error naming this key. The first batches fill the
+    # shuffle buffers: allow for that. Applies with workers > 0.
+    batch_timeout_s: float = 1800.0
     seed: int = 0
     epoch_samples: int = 0
     # RandomResizedCrop: area fraction and aspect-ratio range of the crop.
@@ -125,7 +129,7 @@ class DataConfig:
         _probability(self, "hflip", "reprob", "mixup_prob", "mixup_switch_prob",
                      "max_failure_rate")
         _positive(self, "failure_window", "shuffle_buffer_mib", "max_image_mib", "max_text_kib",
-                  "read_timeout_s")
+                  "read_timeout_s", "batch_timeout_s")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
         if self.mixup < 0 or self.cutmix < 0:

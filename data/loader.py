@@ -140,9 +140,10 @@ class TrainLoader:
                                   list(self.slot_states), self.num_classes)
             loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
                                 prefetch_factor=2 if self.cfg.workers else None,
-                                pin_memory=self.cfg.pin_memory, worker_init_fn=leave_job_signals_to_the_rank)
+                                pin_memory=self.cfg.pin_memory, worker_init_fn=leave_job_signals_to_the_rank,
+                                timeout=self.cfg.batch_timeout_s if self.cfg.workers else 0)
             self._loader_iter = iter(loader)
-        batch = next(self._loader_iter)
+        batch = _next_batch(self._loader_iter, self.cfg.batch_timeout_s)
         self.slot_states[self.batches % self.layout.slots] = batch.pop(STATE_KEY)
         self.batches += 1
         return batch
@@ -150,6 +151,19 @@ class TrainLoader:
     def close(self) -> None:
         """Stop the worker processes (they also stop when the loader is garbage-collected)."""
         self._loader_iter = None
+
+
+def _next_batch(batches, timeout_s: float) -> dict:
+    try:
+        return next(batches)
+    except RuntimeError as exc:
+        if "timed out" not in str(exc):
+            raise
+        raise TimeoutError(
+            f"no batch from the data loader workers for {timeout_s:g} s (data.batch_timeout_s): a worker "
+            "is stuck in a read no other timeout covers (a hung filesystem or storage mount) or in a decode. "
+            "Check the shards' storage; raise data.batch_timeout_s if filling the shuffle buffers takes "
+            "longer.") from None
 
 
 def build_train_loader(cfg: DataConfig, rank: int, world_size: int,
@@ -188,9 +202,15 @@ class EvalLoader:
         workers = min(self.cfg.workers, len(self.plan.worker_ranges))
         loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                             prefetch_factor=2 if workers else None,
-                            worker_init_fn=leave_job_signals_to_the_rank)
+                            worker_init_fn=leave_job_signals_to_the_rank,
+                            timeout=self.cfg.batch_timeout_s if workers else 0)
         produced = 0
-        for batch in loader:
+        batches = iter(loader)
+        while True:
+            try:
+                batch = _next_batch(batches, self.cfg.batch_timeout_s)
+            except StopIteration:
+                break
             produced += 1
             yield batch
         for _ in range(self.num_batches - produced):

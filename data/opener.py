@@ -12,10 +12,13 @@ Every process stream is read with a timeout (``read_timeout_s`` without a byte r
 ``TimeoutError``), and closing one never waits unboundedly: a process still running when we stop
 reading (we have what we need, or the consumer abandoned the shard) is killed, and its exit status
 is then not a failure; neither is SIGPIPE (141, or -13), nor the statuses webdataset's Pipe
-ignores for its commands (curl's 23), which only say we stopped reading.
+ignores for its commands (curl's 23), which only say we stopped reading. A worker that ends with
+shards still open (its rank stopped it, or exits) kills their processes first
+(``kill_open_processes``): a stuck command would otherwise outlive the job.
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import io
 import os
@@ -33,6 +36,18 @@ STDERR_TAIL = 2000  # bytes of a failed command's stderr quoted in the log
 EXIT_WAIT_S = 5.0  # how long a finished process gets to report its exit status
 SIGPIPE_STATUSES = (141, -signal.SIGPIPE)
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+_OPEN: set["ShardStream"] = set()  # shards of this process still backed by a running command
+
+
+def kill_open_processes() -> None:
+    """Kills the command of every shard still open in this process (at its exit)."""
+    for shard in list(_OPEN):
+        shard._kill()
+
+
+atexit.register(kill_open_processes)
 
 
 def is_pipe(url: str) -> bool:
@@ -107,6 +122,7 @@ class ShardStream:
             status = self.process.wait(0 if abandoned else EXIT_WAIT_S)
         except subprocess.TimeoutExpired:
             status = None  # still running after we stopped reading: we did not need the rest
+        _OPEN.discard(self)
         if status is None:
             self._kill()
         failure = None
@@ -117,6 +133,7 @@ class ShardStream:
         return failure
 
     def _kill(self) -> None:
+        _OPEN.discard(self)
         try:
             if self.stderr is not None:  # our pipe: command runs in its own process group
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -159,4 +176,6 @@ def open_shard(url: str, read_timeout_s: float = 300.0) -> ShardStream:
 def _process_stream(process: subprocess.Popen, url: str, read_timeout_s: float,
                     stderr: IO[bytes] | None = None) -> ShardStream:
     raw = _TimedRaw(process.stdout, read_timeout_s, url)
-    return ShardStream(io.BufferedReader(raw, 1 << 20), url, process, stderr)
+    shard = ShardStream(io.BufferedReader(raw, 1 << 20), url, process, stderr)
+    _OPEN.add(shard)
+    return shard

@@ -18,6 +18,8 @@ import signal
 import sys
 import threading
 
+from .opener import kill_open_processes
+
 __all__ = ["JOB_SIGNALS", "leave_job_signals_to_the_rank"]
 
 JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -38,6 +40,7 @@ def _take_job_signals(rank_pid: int, worker_id: int) -> None:
         info = signal.sigwaitinfo(JOB_SIGNALS)
         rank_gone = os.getppid() != rank_pid  # re-parented: nobody is left to stop this worker
         if rank_gone or (info.si_signo == signal.SIGTERM and info.si_pid == rank_pid):
+            kill_open_processes()  # os._exit skips atexit: a shard's command must not outlive us
             os._exit(0)
         if info.si_signo not in told:  # once per signal: a job-wide signal reaches every worker
             told.add(info.si_signo)

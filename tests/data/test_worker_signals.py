@@ -77,3 +77,24 @@ def test_a_worker_whose_rank_died_leaves_on_the_next_signal(shards):
         worker.send_signal(signal.SIGTERM)
     gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive
+
+
+def test_a_worker_stuck_in_a_read_stops_the_rank_with_an_error_naming_the_timeout(tmp_path):
+    """A shard whose read never returns and no read timeout covers (here a pipe: command that sleeps,
+    with read_timeout_s far longer): the rank stops after data.batch_timeout_s, not never."""
+    cfg = small_config([SourceConfig("c", "pipe:sleep 599.25", kind="class")], workers=1,
+                       read_timeout_s=3600, batch_timeout_s=3, epoch_samples=100)
+    loader = build_train_loader(cfg, 0, 1)
+    started = time.time()
+    with pytest.raises(TimeoutError, match=r"no batch from the data loader workers for 3 s \(data.batch_timeout_s\)"):
+        next(iter(loader))
+    assert time.time() - started < 30
+    loader.close()  # the stuck worker is stopped, and the command it started with it
+    deadline = time.time() + 20
+    while time.time() < deadline and _commands_running("sleep 599.25"):
+        time.sleep(0.2)
+    assert not _commands_running("sleep 599.25")
+
+
+def _commands_running(text: str) -> list:
+    return [p for p in psutil.process_iter(["cmdline"]) if text in " ".join(p.info["cmdline"] or [])]
