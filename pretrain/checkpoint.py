@@ -42,7 +42,7 @@ from .module import IMAGE_PREFIX
 from .state import RankState, RunState
 
 __all__ = ["CheckpointWriteError", "ResumePoint", "checkpoint_root", "consolidated_weights", "ema_shards",
-           "export_weights", "load_checkpoint", "prepare_universal", "resolve_resume",
+           "export_weights", "folder_bytes", "load_checkpoint", "prepare_universal", "resolve_resume",
            "save_checkpoint", "step_tag"]
 
 
@@ -182,6 +182,11 @@ def save_checkpoint(engine: Any, root: str, run_state: RunState, rank_state: Ran
 
     _agree_written(_written(complete) if rank == 0 else None, tag_dir, previous)
     return tag
+
+
+def folder_bytes(path: str) -> int:
+    """Bytes of every file under ``path`` (a checkpoint: all ranks' shards)."""
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)
 
 
 def _prune(root: str, keep_last: int, current: str) -> None:

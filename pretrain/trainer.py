@@ -21,7 +21,7 @@ from internimage.ops import use_reference
 from internimage.data import (SKIP_REASONS, DeviceTransform, Tokenizer, build_eval_loader,
                               build_train_loader)
 
-from .checkpoint import (CheckpointWriteError, checkpoint_root, ema_shards, load_checkpoint,
+from .checkpoint import (CheckpointWriteError, checkpoint_root, ema_shards, folder_bytes, load_checkpoint,
                          prepare_universal, resolve_resume, save_checkpoint)
 from .config import ConfigError, PretrainConfig, save_config
 from .configio import to_dict
@@ -384,12 +384,19 @@ class Trainer:
                              self.ema is not None, to_dict(self.cfg), self.schedule.schedule_batch)
         rank_state = RankState(self.loader.state_dict(), self.random_state.state_dict(),
                                self.ema.state_dict() if self.ema is not None else None)
+        started = time.perf_counter()
         try:
-            save_checkpoint(self.engine, self.root, run_state, rank_state, self.cfg.checkpoint.keep_last)
+            tag = save_checkpoint(self.engine, self.root, run_state, rank_state, self.cfg.checkpoint.keep_last)
         except CheckpointWriteError as exc:  # every rank has it: all leave together, exit 4
             print(f"rank {self.rank}: {exc}", file=sys.stderr, flush=True)
             leave_distributed()
             raise SystemExit(4) from None
         self.saved_step = self.progress.step
+        if self.is_main:  # what a stop signal's lead time (Slurm --signal=USR1@SECONDS) must cover
+            seconds = time.perf_counter() - started
+            gib = folder_bytes(os.path.join(self.root, tag)) / 2**30
+            self.metrics.write(self.progress.step, {"save_seconds": seconds, "gib": gib},
+                               kind="checkpoint")
+            print(f"checkpoint {tag}: {gib:.2f} GiB in {seconds:.1f} s", flush=True)
 
 
