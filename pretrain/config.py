@@ -144,6 +144,8 @@ class DeepSpeedSection:
     # Bound on every collective wait (NCCL's watchdog aborts after it). Ranks wait this long while
     # rank 0 alone converts a checkpoint for another world size or exports fine-tuning weights.
     collective_timeout_minutes: float = 60.0
+    # A rank silent this long (died, or its node failed) stops every rank, naming it; 0 disables.
+    heartbeat_timeout_seconds: float = 300.0
     # ZeRO-Offload: optimizer states (offload_optimizer) and, under ZeRO-3, parameters
     # (offload_param) kept in CPU memory or on an NVMe drive (nvme_path); the optimizer is then
     # DeepSpeed's CPU Adam, with our parameter groups.
@@ -251,6 +253,8 @@ class PretrainConfig:
                f"({self.deepspeed.precision}), got {self.deepspeed.grad_reduce_dtype}.")
         _check(self.deepspeed.collective_timeout_minutes > 0,
                "deepspeed.collective_timeout_minutes must be > 0.")
+        _check(self.deepspeed.heartbeat_timeout_seconds >= 0,
+               "deepspeed.heartbeat_timeout_seconds must be >= 0 (0 disables the heartbeat).")
         self.deepspeed.user_json()
         _reject_owned_keys(self.deepspeed.extra, "deepspeed.extra")
         d = self.deepspeed

@@ -1,5 +1,5 @@
 """Everything distributed, in one place: the process group, this rank's device and precision, the
-preemption flag, and every collective the trainer runs.
+preemption flag, the ranks' heartbeat, and every collective the trainer runs.
 
 Two kinds of collectives live here:
 
@@ -19,16 +19,18 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["PREEMPTION", "Preemption", "all_ranks", "any_rank", "barrier", "broadcast_object",
+__all__ = ["HEARTBEAT_EXIT_CODE", "PREEMPTION", "Preemption", "all_ranks", "any_rank", "barrier", "broadcast_object",
            "communication_device",
            "compute_device", "gather_objects", "gather_rows", "gather_rows_with_grad", "init_distributed",
-           "init_single_process", "is_main", "leave_distributed", "mean_over_ranks",
+           "init_single_process", "is_main", "explain_failure", "leave_distributed", "mean_over_ranks",
            "precision_dtype", "rank", "sum_over_ranks", "sum_tensor_over_ranks", "synchronize",
            "world_size"]
 
@@ -50,11 +52,12 @@ def _on_gpu() -> bool:
     return _accelerator().device_name() == "cuda"
 
 
-def init_distributed(precision: str, timeout_s: float | None = None) -> bool:
+def init_distributed(precision: str, timeout_s: float | None = None, heartbeat_timeout_s: float = 0.0) -> bool:
     """Joins the launcher's process group: NCCL on GPUs (after binding this process to the GPU
     ``LOCAL_RANK``, so NCCL's communicator and every tensor use it), gloo on CPU. False when
     ``precision`` cannot run on this device (the reason printed). ``timeout_s`` bounds every
-    collective wait (torch's default when None)."""
+    collective wait (torch's default when None); ``heartbeat_timeout_s`` > 0 starts the heartbeat
+    (a rank silent that long stops every rank)."""
     import deepspeed
     on_gpu = _on_gpu()
     if not on_gpu and precision == "fp16":
@@ -70,6 +73,8 @@ def init_distributed(precision: str, timeout_s: float | None = None) -> bool:
         torch.backends.cudnn.benchmark = True
     kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", **kwargs)
+    if heartbeat_timeout_s > 0 and world_size() > 1:
+        _HEARTBEAT.start(heartbeat_timeout_s)
     return True
 
 
@@ -89,6 +94,7 @@ def init_single_process() -> None:
 def leave_distributed() -> None:
     """All ranks leave together: a process that exits with its gloo group alive, its peers still
     talking, can abort in the group's teardown ("terminate called without an active exception")."""
+    _HEARTBEAT.stop()
     barrier()
     dist.destroy_process_group()
 
@@ -267,3 +273,125 @@ class Preemption:
 
 
 PREEMPTION = Preemption()
+
+
+# -- liveness --------------------------------------------------------------------------------
+HEARTBEAT_EXIT_CODE = 5
+
+
+class _Heartbeat:
+    """Stops every rank when one rank goes silent, naming it.
+
+    A rank that dies on another node (a killed process, a failed node) leaves its peers blocked in
+    their next collective until the collective timeout, an hour by default, with nothing to say which
+    rank is gone; its own node's launcher only ends that node. So every rank's thread counts beats
+    into the process group's store (``internimage/beat/<rank>``: count and host); rank 0's thread
+    notes, on its own clock, when each count last moved, and posts a verdict
+    (``internimage/stopped``) when one stood still for the timeout. Every rank reads the verdict,
+    prints it and exits with ``HEARTBEAT_EXIT_CODE``; the run resumes from its last complete
+    checkpoint. The store lives in rank 0's process: a rank that loses it blames rank 0.
+
+    Cost: one store write per rank per beat (timeout / 8, at most 10 s), and rank 0 one read of
+    all ranks' keys; the threads hold no GIL while they wait.
+    """
+
+    VERDICT = "internimage/stopped"
+
+    def __init__(self):
+        self.stopping = threading.Event()
+        self.thread = None
+
+    def start(self, timeout_s: float) -> None:
+        if self.thread is not None:
+            return
+        self.timeout_s, self.interval_s = timeout_s, min(10.0, timeout_s / 8)
+        self.store = dist.distributed_c10d._get_default_store()
+        self.rank, self.world = rank(), world_size()
+        self.host = socket.gethostname()
+        self.beats = 0
+        self._beat()
+        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Leaving on purpose: this rank's beat says so, and its silence is not a death."""
+        if self.thread is None:
+            return
+        self.stopping.set()
+        self.thread.join()
+        self.thread = None
+        try:
+            self.store.set(self._key(self.rank), "left")
+        except RuntimeError:
+            pass
+
+    def _key(self, r: int) -> str:
+        return f"internimage/beat/{r}"
+
+    def _beat(self) -> None:
+        self.beats += 1
+        self.store.set(self._key(self.rank), f"{self.beats} {self.host}")
+
+    def _run(self) -> None:
+        moved = {}  # rank → (last count seen, rank 0's clock when it changed)
+        while not self.stopping.wait(self.interval_s):
+            try:
+                self._beat()
+                if self.rank == 0:
+                    self._judge(moved)
+                if self.store.check([self.VERDICT]):
+                    self._exit(self.store.get(self.VERDICT).decode())
+            except (RuntimeError, OSError) as exc:  # the store is gone with rank 0's process
+                if not self.stopping.is_set():
+                    self._exit(f"lost the rendezvous store in rank 0's process ({exc}): rank 0 stopped "
+                               "answering (it died or its node failed)")
+
+    def _judge(self, moved: dict) -> None:
+        keys = [self._key(r) for r in range(self.world)]
+        if not self.store.check(keys):  # a rank that has not joined yet is the rendezvous' business
+            return
+        now = time.monotonic()
+        for r, value in enumerate(self.store.multi_get(keys)):
+            beat = value.decode()
+            if beat == "left":
+                moved.pop(r, None)
+                continue
+            if moved.get(r, (None,))[0] != beat:
+                moved[r] = (beat, now)
+            elif now - moved[r][1] > self.timeout_s:
+                host = beat.split(" ", 1)[1]
+                self.store.set(self.VERDICT, f"rank {r} (host {host}) stopped answering: no heartbeat for "
+                                             f"{now - moved[r][1]:.0f} s (deepspeed.heartbeat_timeout_seconds="
+                                             f"{self.timeout_s:g}); it died or its node failed")
+                time.sleep(2 * self.interval_s)  # the store lives here: let every rank read the verdict
+                return
+
+    def explain(self, error: BaseException) -> None:
+        """After ``error`` in this rank's work: when it looks like a lost peer (gloo reports a killed
+        peer at once, as "Connection closed by peer") and the heartbeat runs, waits for the verdict
+        that names the rank, then exits with it. Returns otherwise (the caller re-raises)."""
+        if self.thread is None or not _looks_like_a_lost_peer(error):
+            return
+        print(f"rank {self.rank}: a collective failed ({type(error).__name__}: {str(error).splitlines()[0]}); "
+              f"waiting up to {self.timeout_s + 3 * self.interval_s:.0f} s for the heartbeat to name the rank "
+              "that stopped", file=sys.stderr, flush=True)
+        self.stopping.wait(self.timeout_s + 3 * self.interval_s)  # the thread exits the process with the verdict
+
+    def _exit(self, verdict: str) -> None:
+        print(f"rank {self.rank}: stopping: {verdict}. The same command resumes from the last complete "
+              "checkpoint.", file=sys.stderr, flush=True)
+        os._exit(HEARTBEAT_EXIT_CODE)  # the main thread may be blocked in a collective that never returns
+
+
+def _looks_like_a_lost_peer(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "NCCL", "gloo"))
+
+
+_HEARTBEAT = _Heartbeat()
+
+
+def explain_failure(error: BaseException) -> None:
+    """See ``_Heartbeat.explain``: exits naming a rank that stopped, or returns."""
+    _HEARTBEAT.explain(error)

@@ -7,7 +7,7 @@ import sys
 from typing import Callable, TypeVar
 
 from .config import ConfigError, PretrainConfig
-from .distributed import init_distributed, leave_distributed, rank
+from .distributed import explain_failure, init_distributed, leave_distributed, rank
 from .guards import NonFiniteError
 
 __all__ = ["parse_cli", "run_entry"]
@@ -47,19 +47,24 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
 def run_entry(argv: list[str] | None, load: Callable[[str | None, list[str]], Config],
               work: Callable[[Config], int]) -> int:
     """One rank's entry point: CLI → ``load`` (config errors exit 2 before any collective) → process
-    group → ``work`` → leave together. Exit codes: 0 done or preempted, 2 config, 3 non-finite."""
+    group → ``work`` → leave together. Exit codes: 0 done or preempted, 2 config, 3 non-finite,
+    4 a checkpoint write failed, 5 a rank stopped answering (``distributed.HEARTBEAT_EXIT_CODE``)."""
     try:
         config_path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
         cfg = load(config_path, overrides)
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    if not init_distributed(cfg.deepspeed.precision, cfg.deepspeed.collective_timeout_minutes * 60):
+    if not init_distributed(cfg.deepspeed.precision, cfg.deepspeed.collective_timeout_minutes * 60,
+                            cfg.deepspeed.heartbeat_timeout_seconds):
         return 2
     try:
         code = work(cfg)
     except NonFiniteError as exc:
         print(f"rank {rank()}: {exc}", file=sys.stderr, flush=True)
         return 3
+    except RuntimeError as exc:  # a peer lost: name it rather than show gloo's or NCCL's words alone
+        explain_failure(exc)
+        raise
     leave_distributed()
     return code

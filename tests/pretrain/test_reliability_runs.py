@@ -2,9 +2,11 @@
 folder shared by every rank."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -107,3 +109,37 @@ def test_a_write_error_on_one_rank_stops_every_rank_in_bounded_time_with_latest_
         assert "No space left on device (injected)" in output and path in output, output[-3000:]
         assert "latest still names step_00000002" in output
     assert open(os.path.join(run_dir, "checkpoints", "latest")).read() == "step_00000002"
+
+
+@pytest.mark.parametrize("failure", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_a_node_that_dies_makes_the_other_node_stop_in_bounded_time_naming_the_dead_rank(demo_data, tmp_path,
+                                                                                        failure):
+    """Two nodes of one rank each (two `--no_ssh` launchers); every process of node 1 is killed (its
+    connections close: gloo fails at once, without saying which rank) or frozen (as a node that lost
+    power or network: no connection closes, and the peers' next collective waits for the collective
+    timeout, an hour by default, as NCCL's does either way). Node 0 stops within the heartbeat
+    timeout, naming rank 1."""
+    run_dir = str(tmp_path / "node_failure")
+    port = free_port()
+    overrides = _overrides(demo_data, run_dir, **{"schedule.total_steps": 500, "checkpoint.every_steps": 0,
+                                                  "eval.at_end": "false", "deepspeed.heartbeat_timeout_seconds": 10})
+    nodes = [subprocess.Popen(["bash", "launch/pretrain.sh", "configs/demo.yaml", *overrides], cwd=REPO,
+                              env=_node_env("node_rank", node, tmp_path, port), start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in range(2)]
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + 180
+    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0) and time.time() < deadline:
+        assert all(n.poll() is None for n in nodes), nodes[0].communicate()[0][-3000:]
+        time.sleep(0.2)
+    os.killpg(nodes[1].pid, failure)
+    failed_at = time.time()
+    try:
+        output, _ = nodes[0].communicate(timeout=120)
+    finally:
+        os.killpg(nodes[1].pid, signal.SIGKILL)
+        nodes[1].wait()
+    waited = time.time() - failed_at
+    assert nodes[0].returncode not in (0, None), output[-4000:]
+    assert "rank 0: stopping: rank 1 (host " in output and "stopped answering" in output, output[-4000:]
+    assert waited < 10 + 30, f"node 0 took {waited:.0f} s to stop"
