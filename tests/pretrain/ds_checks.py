@@ -120,6 +120,26 @@ def check_checkpointing(rank):
     return {"ckpt_grads": dev, "ckpt_grad_total": nonzero}
 
 
+def check_local_gradients(rank):
+    """The gradient guard reads every partition in one DeepSpeed call; it must see exactly what
+    DeepSpeed's per-parameter accessor gives, with and without the optimizer offloaded."""
+    from deepspeed.utils import safe_get_local_grad
+    from internimage.pretrain.guards import _local_gradients, unpadded
+    results = {}
+    for name, extra in (("local_grads", ()), ("offload_local_grads", ("deepspeed.offload_optimizer=cpu",))):
+        cfg = _cfg(*extra)
+        module = _fresh(cfg)
+        engine, optimizer = _engine_step(cfg, module, _batches(cfg, 1)[0], 0.01, rank)
+        zero3 = next(p._z3_optimizer for p in module.parameters())
+        expected = [unpadded(p, safe_get_local_grad(p)) for group in zero3.fp16_groups for p in group]
+        ours = _local_gradients(module)
+        assert [g.numel() for g in ours] == [g.numel() for g in expected]
+        results[name] = max((a - b).abs().max().item() for a, b in zip(ours, expected) if a.numel())
+        results[f"{name}_total"] = sum(float(g.abs().sum()) for g in ours)
+        engine.step()
+    return results
+
+
 def check_ema(rank):
     from internimage.ops import use_reference
     cfg = _cfg()
@@ -197,7 +217,8 @@ def main(out_dir):
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     results = {}
-    for check in (check_clip_gather, check_llrd, check_llrd_offloaded, check_checkpointing, check_ema):
+    for check in (check_clip_gather, check_llrd, check_llrd_offloaded, check_checkpointing, check_ema,
+                  check_local_gradients):
         results.update(check(rank))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

@@ -40,6 +40,12 @@ def test_activation_checkpointing_leaves_zero3_gradients_unchanged(checks):
     assert checks["ckpt_grads"] < 1e-6
 
 
+def test_the_gradient_guard_reads_the_same_partitions_as_deepspeeds_accessor(checks):
+    for name in ("local_grads", "offload_local_grads"):
+        assert checks[f"{name}_total"] > 1.0
+        assert checks[name] == 0.0
+
+
 def test_sharded_ema_equals_full_model_ema(checks):
     assert checks["ema"] < 1e-6
 
