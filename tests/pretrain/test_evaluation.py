@@ -140,11 +140,11 @@ def test_a_collapsed_embedding_scores_no_retrieval_hits():
 
 
 # -- the whole evaluator, 1 rank vs 2 ---------------------------------------------------------------
-def _evaluate(rank, world, port, demo_data, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+def _evaluate(rank, world, port, demo_data, results, *extra):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if world > 1:  # a spawned rank: one thread each on a shared machine
+        torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from internimage.ops import use_reference
     from internimage.pretrain.engine import build_module
     cfg = load_config(DEMO_MIXED, [
         f"data.val_shards={demo_data}/classes/val-000000.tar",
@@ -152,16 +152,12 @@ def _evaluate(rank, world, port, demo_data, results):
         f"data.train_sources.0.shards={demo_data}/classes/train-000000.tar",
         f"data.train_sources.1.shards={demo_data}/captions/train-000000.tar",
         "model.arch={channels: 8, depths: [1, 1, 1, 1], groups: [1, 1, 2, 2]}",
-        "data.batch_size=48", "data.workers=0", "text.width=16", "objective.embed_dim=16"])
+        "data.batch_size=48", "data.workers=0", "text.width=16", "objective.embed_dim=16", *extra])
     torch.manual_seed(0)
     module = build_module(cfg, Tokenizer.from_config(cfg.data).vocab_size).eval()
     evaluator = Evaluator(cfg, rank, world, torch.device("cpu"), torch.float32)
 
-    def forward(**inputs):
-        with use_reference():
-            return module(evaluate=True, **inputs)
-
-    results[rank] = evaluator.evaluate(forward)
+    results[rank] = evaluator.evaluate(lambda **inputs: module(evaluate=True, **inputs))
     dist.destroy_process_group()
 
 
@@ -178,6 +174,15 @@ def test_two_ranks_evaluate_exactly_what_one_rank_does(demo_data):
     assert alone["samples"] == alone["zeroshot_samples"] == alone["retrieval_pairs"] == 360
     for key, value in alone.items():
         assert results[0][key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_a_contrastive_run_evaluates_zero_shot_and_retrieval_without_a_head(demo_data):
+    results = {}
+    _evaluate(0, 1, free_port(), demo_data, results, "objective.kind=contrastive",
+              f"data.train_sources=[{{name: c, shards: {demo_data}/captions/train-000000.tar, kind: caption}}]")
+    assert "top1" not in results[0]
+    assert results[0]["zeroshot_samples"] == results[0]["retrieval_pairs"] == 360
+    assert 0.0 <= results[0]["zeroshot_top1"] <= results[0]["zeroshot_top5"] <= 1.0
 
 
 # -- the fine-tuning summary -------------------------------------------------------------------------
