@@ -27,7 +27,7 @@ from internimage.data.device import normalise
 from .config import PretrainConfig
 from .distributed import gather_rows, sum_over_ranks
 
-__all__ = ["CONTRASTIVE_METRICS", "Evaluator", "RECALL_AT", "class_embeddings", "class_prompts", "retrieval_hits",
+__all__ = ["CONTRASTIVE_METRICS", "Evaluator", "RECALL_AT", "class_embeddings", "prompt_share", "retrieval_hits",
            "topk_hits"]
 
 RECALL_AT = (1, 5, 10)
@@ -51,22 +51,28 @@ def topk_hits(scores: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
     return torch.stack([hit[:, 0].sum(), hit.any(1).sum(), valid.sum()]).float()
 
 
-def class_embeddings(forward: Forward, prompts: Tensor, classes_per_forward: int, rank: int,
-                     world: int) -> Tensor:
-    """(C, E) fp32, L2-normalised: each class's mean normalised text embedding over its prompts.
+def prompt_share(names: list[str], templates: list[str], tokenizer: Tokenizer, rank: int, world: int) -> Tensor:
+    """int64 (P, T, L): rank ``rank``'s classes [r·P, (r+1)·P) of P = ceil(C / world), each name in
+    every template ("{}" → name) and tokenised; rows past the last class are zeros (padding), so
+    every rank holds P rows and only its share of the C · T prompts."""
+    share = -(-len(names) // world)
+    mine = names[rank * share:(rank + 1) * share]
+    texts = [template.replace("{}", name) for name in mine for template in templates]
+    tokens = tokenizer.encode_batch(texts)
+    tokens = tokens.view(len(mine), len(templates), tokens.shape[-1])
+    return torch.cat([tokens, tokens.new_zeros(share - len(mine), *tokens.shape[1:])])
 
-    prompts: int64 (C, T, L) tokens, T prompts per class, on the compute device. Rank r embeds
-    classes [r·P, (r+1)·P) with P = ceil(C / world) (the last ranks' missing rows padded), in
-    forwards of ``classes_per_forward`` × T prompts, the same number on every rank; the rows are
-    then gathered (C × E floats on every rank)."""
-    count, templates, length = prompts.shape
-    share = -(-count // world)
-    mine = prompts[rank * share:(rank + 1) * share]
-    if mine.shape[0] < share:
-        mine = torch.cat([mine, mine.new_zeros(share - mine.shape[0], templates, length)])
+
+def class_embeddings(forward: Forward, share: Tensor, count: int, classes_per_forward: int) -> Tensor:
+    """(count, E) fp32, L2-normalised: each class's mean normalised text embedding over its prompts.
+
+    share: this rank's ``prompt_share`` (P, T, L) on the compute device; it is embedded in forwards
+    of ``classes_per_forward`` × T prompts (the same number on every rank), then every rank's rows
+    are gathered (world · P × E floats on every rank) and the padding dropped."""
+    classes, templates, length = share.shape
     parts = []
-    for start in range(0, share, classes_per_forward):
-        chunk = mine[start:start + classes_per_forward]
+    for start in range(0, classes, classes_per_forward):
+        chunk = share[start:start + classes_per_forward]
         embedded = forward(text=chunk.reshape(-1, length))["text_embedding"].float()
         mean = F.normalize(embedded, dim=-1).view(chunk.shape[0], templates, -1).mean(1)
         parts.append(F.normalize(mean, dim=-1))
@@ -108,16 +114,19 @@ def retrieval_hits(images: Tensor, texts: Tensor, groups: Tensor, queries: Tenso
 
 class Evaluator:
     """One run's evaluation: ``evaluate(forward)`` returns the metrics of the module ``forward``
-    runs (collective: every rank calls it). Class prompts are tokenised once, here."""
+    runs (collective: every rank calls it). This rank's share of the class prompts is tokenised
+    once, here."""
 
     def __init__(self, cfg: PretrainConfig, rank: int, world: int, device: torch.device, dtype: torch.dtype):
         self.cfg, self.rank, self.world, self.device, self.dtype = cfg, rank, world, device, dtype
         self.supervised = cfg.objective.kind in ("supervised", "mixed")
         self.contrastive = cfg.objective.kind in ("contrastive", "mixed")
-        self.prompts = None
+        self.prompts, self.num_named = None, 0
         if self.contrastive and cfg.eval.class_names is not None:
-            self.prompts = class_prompts(load_class_names(cfg.eval.class_names), cfg.eval.prompt_templates,
-                                         Tokenizer.from_config(cfg.data))
+            names = load_class_names(cfg.eval.class_names)
+            self.num_named = len(names)
+            self.prompts = prompt_share(names, cfg.eval.prompt_templates, Tokenizer.from_config(cfg.data),
+                                        rank, world).to(device)
 
     @property
     def classifies(self) -> bool:
@@ -154,10 +163,9 @@ class Evaluator:
         """Top-1/top-5 of the head and/or zero-shot on data.val_shards."""
         classes = None
         if self.prompts is not None:
-            classes = class_embeddings(forward, self.prompts.to(self.device), max(1, self.cfg.data.batch_size),
-                                       self.rank, self.world)
+            classes = class_embeddings(forward, self.prompts, self.num_named, max(1, self.cfg.data.batch_size))
         # Labels must index the head (supervised) or the names (zero-shot); mixed: both (config check).
-        num_classes = self.cfg.model.num_classes if self.supervised else classes.shape[0]
+        num_classes = self.cfg.model.num_classes if self.supervised else self.num_named
         head = torch.zeros(3, device=self.device)
         zero_shot = torch.zeros(3, device=self.device)
         for batch in self._batches(self.cfg.data.val_shards, num_classes, self.cfg.eval.max_batches):
@@ -202,8 +210,3 @@ class Evaluator:
         result["retrieval_pairs"] = int(pairs)
         return result
 
-
-def class_prompts(names: list[str], templates: list[str], tokenizer: Tokenizer) -> Tensor:
-    """int64 (C, T, L): every class name put into every template ("{}" → name), tokenised."""
-    texts = [template.replace("{}", name) for name in names for template in templates]
-    return tokenizer.encode_batch(texts).view(len(names), len(templates), -1)

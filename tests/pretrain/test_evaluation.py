@@ -15,7 +15,7 @@ from internimage.data import SHIPPED_CLASS_LISTS, Tokenizer, load_class_names
 from internimage.data.class_names import class_names_path
 from internimage.data.demo import DIGIT_NAMES
 from internimage.pretrain.config import ConfigError, load_config
-from internimage.pretrain.evaluation import (RECALL_AT, Evaluator, class_embeddings, class_prompts,
+from internimage.pretrain.evaluation import (RECALL_AT, Evaluator, class_embeddings, prompt_share,
                                              retrieval_hits, topk_hits)
 from internimage.pretrain.finetuning import format_summary
 from tests.pretrain.pretrain_helpers import REPO, free_port
@@ -79,14 +79,13 @@ def test_zero_shot_picks_the_class_whose_prompts_match_the_image(world):
     names = ["zero", "one", "two", "three", "four", "five", "six"]
     templates = ["a photo of a {}.", "the {}"]
     tokenizer = Tokenizer(24)
-    prompts = class_prompts(names, templates, tokenizer)
-    assert prompts.shape == (7, 2, 24)
     forward = _name_embedding_forward(names, tokenizer, templates)
-    # Every rank computes its share; one process stands in for each rank (gather_rows is the identity
-    # on one process, so the shares are joined here as the collective would).
-    shares = [class_embeddings(forward, prompts, 2, r, world) for r in range(world)]
-    share = -(-len(names) // world)
-    classes = torch.cat([s[:share] for s in shares])[:len(names)] if world > 1 else shares[0]
+    # Every rank embeds its share (the last padded); one process stands in for each rank here and
+    # the shares are joined as the gather would (on one process gather_rows is the identity).
+    shares = [prompt_share(names, templates, tokenizer, r, world) for r in range(world)]
+    assert [s.shape for s in shares] == [(-(-7 // world), 2, 24)] * world
+    parts = [class_embeddings(forward, share, share.shape[0], 2) for share in shares]
+    classes = torch.cat(parts)[:len(names)]
     torch.testing.assert_close(classes, torch.eye(len(names)))
     labels = torch.tensor([0, 3, 6, 2, 5])
     valid = torch.tensor([True, True, True, True, False])
