@@ -90,9 +90,9 @@ class PretrainModule(nn.Module):
         return out
 
     def _evaluate(self, image: Tensor | None, text: Tensor | None) -> dict[str, Tensor]:
-        """What evaluation reads, unnormalised, in the compute dtype: for an image batch
-        "logits" (B, classes) when supervised and "image_embedding" (B, embed_dim) when
-        contrastive; for a token batch (B, L), "text_embedding" (B, embed_dim). Either may be None."""
+        """What evaluation reads, unnormalised, in the compute dtype: for an image batch (image not
+        None) "logits" (B, classes) when supervised and "image_embedding" (B, embed_dim) when
+        contrastive; for a token batch (text (B, L) not None) "text_embedding" (B, embed_dim)."""
         out: dict[str, Tensor] = {}
         if image is not None:
             pooled = self.image.forward_head(self.image.forward_features(image), pre_logits=True)
