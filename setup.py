@@ -93,6 +93,7 @@ setup(
     python_requires=">=3.10",
     packages=[f"internimage.{name}" for name in SUBPACKAGES],
     package_dir={f"internimage.{name}": name for name in SUBPACKAGES},
+    package_data={"internimage.data": ["class_lists/*.txt"]},  # zero-shot class names
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

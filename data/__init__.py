@@ -2,8 +2,9 @@
 
 Public API (what the pretraining engine uses): ``SourceConfig``, ``DataConfig``,
 ``build_train_loader``, ``build_eval_loader``, ``DeviceTransform``, ``Tokenizer``,
-``write_demo_data``; tools: ``python -m internimage.data.write_shards``, ``.demo``, ``.bench``.
+``write_demo_data``, ``load_class_names``; tools: ``python -m internimage.data.write_shards``, ``.demo``, ``.bench``.
 """
+from .class_names import SHIPPED_CLASS_LISTS, load_class_names
 from .config import DataConfig, SourceConfig
 from .device import IMAGENET_MEAN, IMAGENET_STD, DeviceTransform
 from .faults import REASONS as SKIP_REASONS
@@ -21,4 +22,4 @@ def write_demo_data(out_dir: str) -> dict:
 
 __all__ = ["DataConfig", "SourceConfig", "DeviceTransform", "IMAGENET_MEAN", "IMAGENET_STD",
            "SKIP_REASONS", "EvalLoader", "TrainLoader", "build_eval_loader", "build_train_loader",
-           "Tokenizer", "Sample", "ShardWriter", "write_demo_data"]
+           "Tokenizer", "Sample", "ShardWriter", "write_demo_data", "SHIPPED_CLASS_LISTS", "load_class_names"]

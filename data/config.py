@@ -60,6 +60,9 @@ class DataConfig:
 
     train_sources: list[SourceConfig] = field(default_factory=list)
     val_shards: str | None = None
+    # Image-text validation pairs (``.txt``/``.json`` captions) for retrieval R@k of the contrastive
+    # objective; val_shards are the classified ones (top-1/top-5, zero-shot).
+    val_caption_shards: str | None = None
     img_size: int = 224
     batch_size: int = 64
     workers: int = 2

@@ -4,7 +4,11 @@
 
 writes ``DIR/classes/{train-000000..000003,val-000000}.tar`` (22K-style: ``.jpg`` + ``.cls``) and
 ``DIR/captions/{train-000000..000003,val-000000}.tar`` (LAION-style: ``.jpg`` + ``.txt``), each with
-its ``-index.json``, and ``DIR/classes/classes.json``. Every fifth scan goes to validation.
+its ``-index.json``, ``DIR/classes/classes.json`` and, last, ``DIR/version.txt`` (the launcher
+rewrites a folder whose version is older). Every fifth scan goes to validation.
+Training captions vary their wording; validation captions all read "a scan of the handwritten
+digit NAME", so a digit's captions are identical and retrieval (where an identical caption counts
+as a hit) asks whether image and text agree on the digit, not which wording a scan happened to draw.
 """
 from __future__ import annotations
 
@@ -28,6 +32,10 @@ CAPTION_TEMPLATES = [
     "a blurry scan of the numeral {name}",
     "an old scanned form showing a {name}",
 ]
+VAL_CAPTION_TEMPLATE = CAPTION_TEMPLATES[0]
+# Raise when the shards change: 2 = validation captions in one wording.
+DEMO_DATA_VERSION = "2"
+VERSION_FILE = "version.txt"
 
 
 def digit_jpeg(pixels: np.ndarray, size: int = IMAGE_SIZE) -> bytes:
@@ -60,6 +68,8 @@ def write_demo_data(out_dir: str) -> dict:
     rng = np.random.default_rng(0)
     jpegs = [digit_jpeg(image) for image in images]
     captions = [caption_for(label, rng) for label in labels]
+    for i in val_index:
+        captions[i] = VAL_CAPTION_TEMPLATE.format(name=DIGIT_NAMES[labels[i]], digit=labels[i])
     result: dict = {"num_classes": len(DIGIT_NAMES), "train_samples": len(train_index),
                     "val_samples": len(val_index)}
     for kind in ("classes", "captions"):
@@ -72,7 +82,18 @@ def write_demo_data(out_dir: str) -> dict:
                     writer.write(Sample(f"digit{i:05d}", jpegs[i], "jpg", label, caption))
             result[f"{kind}_{split}"] = writer.pattern()
     result["class_map"] = write_class_map(os.path.join(out_dir, "classes"), DIGIT_NAMES)
+    with open(os.path.join(out_dir, VERSION_FILE), "w") as f:
+        f.write(DEMO_DATA_VERSION + "\n")
     return result
+
+
+def demo_data_current(out_dir: str) -> bool:
+    """Whether ``out_dir`` holds complete demo shards of this version."""
+    try:
+        with open(os.path.join(out_dir, VERSION_FILE)) as f:
+            return f.read().strip() == DEMO_DATA_VERSION
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from internimage.data import DataConfig
+from internimage.data import DataConfig, load_class_names
 
 from .configio import ConfigError, apply_override, from_dict, parse_override, read_yaml_tree, to_dict
 from .files import atomic_write_text
@@ -102,11 +102,24 @@ class EmaConfig:
     evaluate: bool = True  # also evaluate the EMA weights
 
 
+# Our own prompt wording for zero-shot classification; "{}" stands for the class name.
+DEFAULT_PROMPT_TEMPLATES = ["a photo of a {}.", "a picture of the {}.", "an image showing a {}.",
+                            "a close-up photo of a {}.", "a blurry photo of the {}."]
+
+
 @dataclass
 class EvalConfig:
+    """What evaluation measures (``pretrain/evaluation.py``): top-1/top-5 of the head on
+    ``data.val_shards``; with the text tower, zero-shot top-1/top-5 there when ``class_names`` is
+    set and image↔text retrieval R@1/5/10 on ``data.val_caption_shards``."""
     every_steps: int = 0  # 0: only at the end
     at_end: bool = True
-    max_batches: Optional[int] = None
+    max_batches: Optional[int] = None  # per rank, on data.val_shards (retrieval reads all pairs)
+    # Zero-shot class names: a shipped list (demo, imagenet1k, imagenet22k) or a text file with
+    # line i = the name of class i (data/class_names.py); null: no zero-shot classification.
+    class_names: Optional[str] = None
+    # Each class's text embedding is the mean of its normalised embeddings under these prompts.
+    prompt_templates: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPT_TEMPLATES))
 
 
 @dataclass
@@ -271,8 +284,31 @@ class PretrainConfig:
         if self.objective.kind == "contrastive":
             _check(kinds <= {"caption"}, "objective.kind=contrastive needs only kind=caption sources "
                    f"(got {sorted(kinds)}); use objective.kind=mixed for class sources.")
+        self._validate_eval()
         self.data.validate()
         return self
+
+    def _validate_eval(self) -> None:
+        text_tower = self.objective.kind != "supervised"
+        _check(text_tower or self.eval.class_names is None,
+               "eval.class_names (zero-shot classification) needs the text tower: objective.kind=contrastive "
+               "or mixed; set eval.class_names=null for a supervised run.")
+        _check(text_tower or self.data.val_caption_shards is None,
+               "data.val_caption_shards (image-text retrieval) needs the text tower: objective.kind=contrastive "
+               "or mixed; set data.val_caption_shards=null for a supervised run.")
+        _check(bool(self.eval.prompt_templates) and all("{}" in t for t in self.eval.prompt_templates),
+               f"eval.prompt_templates must be a non-empty list of prompts each holding '{{}}' where the class "
+               f"name goes, e.g. ['a photo of a {{}}.'], got {self.eval.prompt_templates!r}.")
+        if self.eval.class_names is None:
+            return
+        try:
+            names = load_class_names(self.eval.class_names)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"eval.class_names: {exc}") from None
+        # A mixed run reads one set of labels (data.val_shards) with both the head and the names.
+        _check(self.objective.kind != "mixed" or len(names) == self.model.num_classes,
+               f"eval.class_names {self.eval.class_names!r} names {len(names)} classes but model.num_classes is "
+               f"{self.model.num_classes}: the validation labels index both; use the list of the head's classes.")
 
 
 def _check(condition: bool, message: str) -> None:

@@ -29,6 +29,7 @@ from .config import ConfigError, PretrainConfig, config_tree
 from .configio import closest_key_hint, from_dict, merge_trees, to_dict
 from .distributed import PREEMPTION, barrier, rank as this_rank, world_size
 from .engine import free_memory, release_engine
+from .evaluation import CONTRASTIVE_METRICS
 from .files import atomic_torch_save, atomic_write_json, clear_preemption, record_preemption
 from .trainer import Trainer
 
@@ -253,8 +254,10 @@ def _stage_result(stage: Stage, stage_cfg: PretrainConfig) -> dict:
                 evals = record
             elif "images_per_s" in record:
                 speeds.append(record["images_per_s"])
+    contrastive = [f"{weights}{name}" for weights in ("", "ema_") for name in CONTRASTIVE_METRICS]
     return {"stage": stage.name, "img_size": stage_cfg.data.img_size, "step": evals.get("step"),
             **{k: evals.get(k) for k in ("top1", "top5", "ema_top1", "ema_top5")},
+            **{k: evals[k] for k in contrastive if k in evals},
             "images_per_s": sum(speeds) / len(speeds) if speeds else None}
 
 
@@ -285,15 +288,32 @@ def _run_stage(cfg: FinetuneConfig, index: int, world: int, rank: int) -> dict |
         return json.load(f)
 
 
-def format_summary(results: list[dict]) -> str:
-    def pct(value):
-        return f"{100 * value:6.2f}" if value is not None else "     -"
+def _pct(value) -> str:
+    return f"{100 * value:6.2f}" if value is not None else "     -"
 
+
+def format_summary(results: list[dict]) -> str:
+    """The table of the stages; with the text tower's metrics (zero-shot, retrieval) a second one."""
     lines = [f"{'stage':<16}{'res':>5}{'top-1':>8}{'top-5':>8}{'EMA top-1':>11}{'EMA top-5':>11}{'img/s':>9}"]
     for r in results:
         speed = f"{r['images_per_s']:9.1f}" if r.get("images_per_s") is not None else "        -"
-        lines.append(f"{r['stage']:<16}{r['img_size']:>5}{pct(r['top1']):>8}{pct(r['top5']):>8}"
-                     f"{pct(r['ema_top1']):>11}{pct(r['ema_top5']):>11}{speed}")
+        lines.append(f"{r['stage']:<16}{r['img_size']:>5}{_pct(r['top1']):>8}{_pct(r['top5']):>8}"
+                     f"{_pct(r['ema_top1']):>11}{_pct(r['ema_top5']):>11}{speed}")
+    if any(name in r for r in results for name in CONTRASTIVE_METRICS):
+        lines += ["", _contrastive_table(results)]
+    return "\n".join(lines)
+
+
+def _contrastive_table(results: list[dict]) -> str:
+    """Zero-shot top-1/top-5 and retrieval R@1/5/10 per stage, raw and EMA weights (percent)."""
+    heads = ("zero-shot top-1", "top-5", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10")
+    lines = [f"{'stage':<16}{'weights':>8}" + "".join(f"{h:>{max(8, len(h) + 1)}}" for h in heads)]
+    for r in results:
+        for weights, prefix in (("raw", ""), ("EMA", "ema_")):
+            values = [r.get(prefix + name) for name in CONTRASTIVE_METRICS]
+            if any(v is not None for v in values):
+                lines.append(f"{r['stage']:<16}{weights:>8}" + "".join(
+                    f"{_pct(v):>{max(8, len(h) + 1)}}" for h, v in zip(heads, values)))
     return "\n".join(lines)
 
 

@@ -58,16 +58,16 @@ class PretrainModule(nn.Module):
     def uses_contrastive(self) -> bool:
         return self.kind in ("contrastive", "mixed")
 
-    def forward(self, image: Tensor, target: Tensor | None = None, label: Tensor | None = None,
+    def forward(self, image: Tensor | None = None, target: Tensor | None = None, label: Tensor | None = None,
                 text: Tensor | None = None, evaluate: bool = False) -> dict[str, Tensor]:
         """image (B,3,S,S) float; target (B, classes) soft targets; label (B,) int64 with −1 for
         "no class"; text (B, L) int64 with all-zero rows for "no caption".
 
         Returns {"loss": weighted total, "supervised": …, "contrastive": …, "logits": (B, classes)
-        when supervised}; losses are fp32 scalars. ``evaluate``: only {"logits"}.
+        when supervised}; losses are fp32 scalars. ``evaluate``: see ``_evaluate``.
         """
         if evaluate:
-            return {"logits": self.image(image)}
+            return self._evaluate(image, text)
         features = self.image.forward_features(image)
         pooled = self.image.forward_head(features, pre_logits=True)
         out: dict[str, Tensor] = {}
@@ -87,4 +87,19 @@ class PretrainModule(nn.Module):
             out["logit_scale"] = scale.detach().squeeze()
             total = total + self.weights["contrastive"] * out["contrastive"]
         out["loss"] = total
+        return out
+
+    def _evaluate(self, image: Tensor | None, text: Tensor | None) -> dict[str, Tensor]:
+        """What evaluation reads, unnormalised, in the compute dtype: for an image batch (image not
+        None) "logits" (B, classes) when supervised and "image_embedding" (B, embed_dim) when
+        contrastive; for a token batch (text (B, L) not None) "text_embedding" (B, embed_dim)."""
+        out: dict[str, Tensor] = {}
+        if image is not None:
+            pooled = self.image.forward_head(self.image.forward_features(image), pre_logits=True)
+            if self.uses_supervised:
+                out["logits"] = self.image.head(pooled)
+            if self.uses_contrastive:
+                out["image_embedding"] = self.image_projection(pooled)
+        if text is not None and self.uses_contrastive:
+            out["text_embedding"] = self.text(text)
         return out

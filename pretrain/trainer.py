@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from internimage.ops import use_reference
-from internimage.data import (SKIP_REASONS, DeviceTransform, Tokenizer, build_eval_loader,
-                              build_train_loader)
+from internimage.data import SKIP_REASONS, DeviceTransform, Tokenizer, build_train_loader
 
 from .checkpoint import (CheckpointWriteError, checkpoint_root, ema_shards, folder_bytes, load_checkpoint,
                          prepare_universal, resolve_resume, save_checkpoint)
@@ -29,6 +28,7 @@ from .distributed import (PREEMPTION, all_ranks, broadcast_object, compute_devic
                           mean_over_ranks, precision_dtype, rank, sum_over_ranks, synchronize, world_size)
 from .ema import ShardedEMA, assemble_full_ema, local_master_fp32
 from .engine import build_engine, build_module, scaled_lr
+from .evaluation import Evaluator
 from .files import RunFolderLocked, RunLock, clear_preemption, record_preemption
 from .guards import NonFiniteError, gradients_finite, tensors_finite, unpadded
 from .metrics import (MetricsWriter, ProgressLine, device_memory_stats, device_peak_tflops,
@@ -92,7 +92,7 @@ class Trainer:
         self.loader = build_train_loader(data_cfg, self.rank, self.world, state=loader_state,
                                          num_classes=cfg.model.num_classes)
         self.transform = DeviceTransform(cfg.data, cfg.model.num_classes)
-        self.eval_transform = DeviceTransform(cfg.data, cfg.model.num_classes, eval=True)
+        self.evaluator = Evaluator(cfg, self.rank, self.world, self.device, self.dtype)
         global_batch = cfg.data.batch_size * cfg.optim.grad_accum * self.world
         schedule_batch = (point.state.run_schedule_batch() if point is not None else None) or global_batch
         self.schedule = Schedule.from_config(cfg.schedule, self.loader.epoch_samples, schedule_batch)
@@ -330,34 +330,20 @@ class Trainer:
             "mfu": scalars.get("mfu")})
 
     # -- evaluation and checkpoints ------------------------------------------------------------
-    @torch.no_grad()
-    def _accuracy(self) -> dict[str, float]:
-        self.engine.eval()
-        counts = torch.zeros(3, device=self.device)  # correct top-1, correct top-5, valid samples
-        loader = build_eval_loader(self.cfg.data, self.rank, self.world, num_classes=self.cfg.model.num_classes)
-        for i, batch in enumerate(loader):
-            if self.cfg.eval.max_batches is not None and i >= self.cfg.eval.max_batches:
-                break
-            batch = self.eval_transform({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-            with use_reference(self.cfg.model.dcn_reference):
-                logits = self.engine(image=batch["image"].to(self.dtype), evaluate=True)["logits"]
-            valid = batch["valid"] & (batch["label"] >= 0)
-            top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
-            hit = top == batch["label"][:, None]
-            counts += torch.stack([(hit[:, 0] & valid).sum(), (hit.any(1) & valid).sum(), valid.sum()])
-        top1, top5, samples = sum_over_ranks(counts.tolist())
-        self.engine.train()
-        total = max(1.0, samples)
-        return {"top1": top1 / total, "top5": top5 / total, "samples": int(samples)}
+    def _eval_forward(self, **inputs) -> dict:
+        with use_reference(self.cfg.model.dcn_reference):
+            return self.engine(evaluate=True, **inputs)
 
     def evaluate(self) -> dict:
-        """Top-1/top-5 on the validation shards (and of the EMA weights); rank 0 logs them."""
-        if self.cfg.objective.kind == "contrastive" or not self.cfg.data.val_shards:
+        """``evaluation.py``'s metrics of the raw (and EMA) weights; rank 0 logs and prints them."""
+        if not self.evaluator.enabled:
             return {}
-        result = self._accuracy()
+        self.engine.eval()
+        result = self.evaluator.evaluate(self._eval_forward)
         if self.ema is not None and self.cfg.ema.evaluate:
             with self.ema.swapped_in():
-                result.update({f"ema_{k}": v for k, v in self._accuracy().items()})
+                result.update({f"ema_{k}": v for k, v in self.evaluator.evaluate(self._eval_forward).items()})
+        self.engine.train()
         self.metrics.write(self.progress.step, result, kind="eval")
         if self.is_main:
             shown = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"

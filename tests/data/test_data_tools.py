@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from internimage.data import SourceConfig, build_eval_loader, build_train_loader, write_demo_data
+from internimage.data.demo import DIGIT_NAMES
 from internimage.data.faults import SkipCounter
 from internimage.data.shards import expand_shards, iter_samples
 from internimage.data.write_shards import main as write_shards
@@ -30,7 +31,7 @@ def test_demo_writes_exactly_the_promised_files(demo):
     shards = [f"{split}-{i:06d}.tar" for split, n in (("train", 4), ("val", 1)) for i in range(n)]
     expected = [f"{kind}/{name}" for kind in ("captions", "classes")
                 for name in shards + ["train-index.json", "val-index.json"]]
-    assert files == sorted(expected + ["classes/classes.json"])
+    assert files == sorted(expected + ["classes/classes.json", "version.txt"])
     assert info["train_samples"] + info["val_samples"] == 1797 and info["num_classes"] == 10
     assert seconds < 20
 
@@ -39,11 +40,15 @@ def test_demo_shards_hold_digits_with_classes_and_captions(demo):
     out, info, _ = demo
     counter = SkipCounter()
     classes = [s for url in expand_shards(info["classes_train"]) for s in iter_samples(url, counter)]
-    captions = [s for url in expand_shards(info["captions_val"]) for s in iter_samples(url, counter)]
-    assert len(classes) == info["train_samples"] and len(captions) == info["val_samples"]
+    captions = [s for url in expand_shards(info["captions_train"]) for s in iter_samples(url, counter)]
+    val_captions = [s for url in expand_shards(info["captions_val"]) for s in iter_samples(url, counter)]
+    assert len(classes) == len(captions) == info["train_samples"] and len(val_captions) == info["val_samples"]
     assert {int(s.members["cls"]) for s in classes} == set(range(10))
     texts = {s.members["txt"].decode() for s in captions}
     assert "a scan of the handwritten digit seven" in texts and len(texts) > 30
+    # Validation: one wording per digit, so identical captions mean the same digit (retrieval).
+    assert {s.members["txt"].decode() for s in val_captions} == {
+        f"a scan of the handwritten digit {name}" for name in DIGIT_NAMES}
     image = Image.open(__import__("io").BytesIO(classes[0].members["jpg"]))
     assert image.format == "JPEG" and image.size == (64, 64)
     assert json.loads((out / "classes" / "classes.json").read_text())[7] == "seven"

@@ -391,20 +391,25 @@ def test_bad_config_key_is_rejected_before_any_process_starts(tmp_path):
     assert not os.path.exists(run_dir) and time.time() - t0 < 30
 
 
-def test_mixed_stream_trains_supervised_and_contrastive_objectives_together(demo_data, tmp_path):
+def test_mixed_demo_trains_both_objectives_and_evaluates_zero_shot_and_retrieval(demo_data, tmp_path):
     run_dir = str(tmp_path / "mixed")
-    sources = (f'[{{name: digits, shards: "{demo_data}/classes/train-{{000000..000003}}.tar", kind: class}}, '
-               f'{{name: captions, shards: "{demo_data}/captions/train-{{000000..000003}}.tar", kind: caption}}]')
-    result = run(_train_cmd(demo_data, run_dir, **{
-        "objective.kind": "mixed", "schedule.total_steps": 3, "checkpoint.every_steps": 0,
-        "eval.at_end": "false", "data.context_length": 16, "text.width": 16, "text.layers": 1,
-        "text.heads": 2, "objective.embed_dim": 16}) + [f"data.train_sources={sources}"])
+    overrides = _overrides(demo_data, run_dir, **{
+        "data.train_sources.1.shards": f"{demo_data}/captions/train-{{000000..000003}}.tar",
+        "data.val_caption_shards": f"{demo_data}/captions/val-000000.tar",
+        "schedule.total_steps": 3, "checkpoint.every_steps": 0, "text.width": 16, "objective.embed_dim": 16})
+    result = run(deepspeed_cmd(2, "--module", "internimage.pretrain.train", "configs/demo_mixed.yaml", *overrides))
     assert result.returncode == 0, tail(result)
-    train, _ = _train_metrics(run_dir)
+    train, evals = _train_metrics(run_dir)
     assert len(train) == 3
     for row in train:
         assert row["loss/supervised"] > 0 and row["loss/contrastive"] > 0
         assert row["loss/loss"] == pytest.approx(row["loss/supervised"] + row["loss/contrastive"], rel=1e-5)
+    metrics = ["top1", "zeroshot_top1", "zeroshot_top5"] + [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    for name in metrics + [f"ema_{m}" for m in metrics]:
+        assert 0.0 <= evals[-1][name] <= 1.0, name
+    assert evals[-1]["zeroshot_samples"] == 2 * 16 * 2  # eval.max_batches × batch × ranks
+    assert evals[-1]["retrieval_pairs"] == 360  # every caption pair, whatever max_batches
+    assert "zeroshot_top1" in result.stdout and "t2i_r10" in result.stdout  # printed by rank 0
 
 
 def test_consecutive_non_finite_losses_stop_with_an_error_naming_the_step(demo_data, tmp_path):
