@@ -32,7 +32,7 @@ from .ema import ShardedEMA, assemble_full_ema, local_master_fp32
 from .engine import build_engine, build_module, scaled_lr
 from .files import RunFolderLocked, RunLock
 from .guards import NonFiniteError, gradients_finite, tensors_finite, unpadded
-from .metrics import (MetricsWriter, ProgressLine, device_memory_stats, device_peak_tflops,
+from .metrics import (MetricsWriter, ProgressLine, device_memory_stats, device_peak_tflops, log_caption_tokens,
                       peak_memory_gib, reset_peak_memory, train_tflops_per_image)
 from .optim import cosine_lr, set_lr
 from .state import Progress, RandomState, RankState, RunState
@@ -101,7 +101,9 @@ class Trainer:
             else round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
         self.peak_lr = scaled_lr(cfg, self.world)
         self.metrics = MetricsWriter(cfg.run_dir, self.is_main, cfg.logging.tensorboard,
-                                     resumed_at=self.progress.step)
+                                     resumed_at=self.progress.step, wandb=cfg.logging.wandb, config=to_dict(cfg))
+        if self.is_main and tokenizer is not None:
+            log_caption_tokens(self.metrics, self.progress.step, cfg.data, tokenizer)
         self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
 
     # -- set-up helpers ----------------------------------------------------------------------

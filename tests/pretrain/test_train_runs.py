@@ -3,6 +3,8 @@
 Every run goes through ``launch/pretrain.sh`` or the ``deepspeed`` launcher, like a user's would.
 One uninterrupted reference run is shared; interrupted runs must end with its exact weights.
 """
+import glob
+import importlib.util
 import json
 import os
 import signal
@@ -330,20 +332,37 @@ def test_bad_config_key_is_rejected_before_any_process_starts(tmp_path):
     assert not os.path.exists(run_dir) and time.time() - t0 < 30
 
 
+# W&B (a test dependency, optional for users) logs offline here: no network, files in the run folder.
+WANDB_OFFLINE = {"logging.wandb.enabled": "true", "logging.wandb.mode": "offline"} \
+    if importlib.util.find_spec("wandb") else {}
+
+
 def test_mixed_stream_trains_supervised_and_contrastive_objectives_together(demo_data, tmp_path):
     run_dir = str(tmp_path / "mixed")
     sources = (f'[{{name: digits, shards: "{demo_data}/classes/train-{{000000..000003}}.tar", kind: class}}, '
                f'{{name: captions, shards: "{demo_data}/captions/train-{{000000..000003}}.tar", kind: caption}}]')
     result = run(_train_cmd(demo_data, run_dir, **{
         "objective.kind": "mixed", "schedule.total_steps": 3, "checkpoint.every_steps": 0,
-        "eval.at_end": "false", "data.context_length": 16, "text.width": 16, "text.layers": 1,
-        "text.heads": 2, "objective.embed_dim": 16}) + [f"data.train_sources={sources}"])
+        "eval.at_end": "false", "data.context_length": 16, "data.allow_byte_tokenizer": "true", "text.width": 16,
+        "text.layers": 1, "text.heads": 2, "objective.embed_dim": 16, **WANDB_OFFLINE}) +
+                 [f"data.train_sources={sources}"])
     assert result.returncode == 0, tail(result)
     train, _ = _train_metrics(run_dir)
     assert len(train) == 3
     for row in train:
         assert row["loss/supervised"] > 0 and row["loss/contrastive"] > 0
         assert row["loss/loss"] == pytest.approx(row["loss/supervised"] + row["loss/contrastive"], rel=1e-5)
+    # Once at start, rank 0 measured the first 1000 demo captions ("handwritten digit 1 (one)" and the
+    # like), all longer than 16 byte-level tokens.
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        tokens = [row for row in map(json.loads, f) if row["kind"] == "tokens"]
+    assert len(tokens) == 1 and tokens[0]["captions"] == 1000 and tokens[0]["mean_tokens"] > 16
+    assert tokens[0]["truncated_share"] == 1.0  # every demo caption is longer than 14 bytes
+    assert "cut at context_length=16; bytes tokenizer" in result.stdout
+    if WANDB_OFFLINE:  # rank 0 sent the same scalars to an offline W&B run kept in the run folder
+        with open(os.path.join(run_dir, "wandb_run.json")) as f:
+            run_id = json.load(f)["id"]
+        assert glob.glob(os.path.join(run_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))
 
 
 def test_consecutive_non_finite_losses_stop_with_an_error_naming_the_step(demo_data, tmp_path):
