@@ -129,9 +129,15 @@ class MetricsWriter:
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"),
                                     purge_step=resumed_at + 1 if resumed_at else None)
         if wandb is not None and wandb.enabled:
-            self.wandb = start_wandb_run(run_dir, wandb, config)
-            # W&B takes steps in rising order only: a resumed run's first steps may be there already.
-            self.wandb_from_step = self.wandb.step
+            try:
+                self.wandb = start_wandb_run(run_dir, wandb, config)
+            except Exception as exc:  # noqa: BLE001 - a W&B outage must not stop the run (or leave
+                # the other ranks waiting at their first collective); the files have every number
+                print(f"W&B could not start ({type(exc).__name__}: {exc}); metrics go to metrics.jsonl "
+                      "and TensorBoard only", file=sys.stderr, flush=True)
+            else:
+                # W&B takes steps in rising order only: a resumed run's first steps may be there already.
+                self.wandb_from_step = self.wandb.step
 
     def write(self, step: int, scalars: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:

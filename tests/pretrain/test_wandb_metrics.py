@@ -68,6 +68,18 @@ def test_other_ranks_and_disabled_wandb_start_no_run(fake_wandb, tmp_path):
     assert fake_wandb.runs == [] and not os.path.exists(tmp_path / "wandb_run.json")
 
 
+def test_a_wandb_that_cannot_start_leaves_the_files_and_the_run_going(fake_wandb, tmp_path, capsys):
+    def unreachable(**kwargs):
+        raise ConnectionError("api.wandb.ai unreachable")
+    fake_wandb.init = unreachable
+    writer = MetricsWriter(str(tmp_path), True, False, wandb=WandbConfig(enabled=True))
+    writer.write(1, {"loss/loss": 2.0})
+    writer.close()
+    assert "W&B could not start (ConnectionError: api.wandb.ai unreachable)" in capsys.readouterr().err
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert json.loads(f.readline())["loss/loss"] == 2.0
+
+
 def test_offline_wandb_writes_the_run_into_the_run_folder(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
