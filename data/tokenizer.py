@@ -1,8 +1,8 @@
 """Offline caption tokenizers with a fixed context length.
 
 ``DataConfig.tokenizer`` names a vocabulary file, chosen by its name: ``*.txt.gz`` / ``*.txt`` is
-CLIP's BPE merges file (``bpe_simple_vocab_16e6.txt.gz``, read by ``clip_bpe.py``; ~4 words per 5
-tokens of English), ``*.json`` a HuggingFace ``tokenizers`` file. Without one, the built-in
+CLIP's BPE merges file (``bpe_simple_vocab_16e6.txt.gz``, read by ``clip_bpe.py``; 5× fewer tokens
+than bytes on English captions), ``*.json`` a HuggingFace ``tokenizers`` file. Without one, the built-in
 byte-level tokenizer: UTF-8 bytes of the NFC-normalised, whitespace-collapsed caption (one token
 per character of English, so 77 tokens hold about a dozen words); it needs no file, for the demo
 and tests. Every row is framed by our start/end tokens.

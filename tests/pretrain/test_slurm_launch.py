@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from tests.pretrain.pretrain_helpers import PYTHON, REPO, cpu_env, free_port
@@ -92,6 +93,18 @@ def _wait_for(condition, proc, timeout=120):
     return condition()
 
 
+def _finish(proc, timeout=300) -> str:
+    """The job's output once it ended; one still running after ``timeout`` s is killed with every
+    process it started, and the test fails with its output."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        pytest.fail(f"the job did not end in {timeout} s:\n{proc.communicate()[0][-4000:]}")
+
+
 def _requeues(env):
     path = os.path.join(env["FAKE_SLURM_LOG"], "requeue.log")
     return open(path).read().splitlines() if os.path.exists(path) else []
@@ -114,10 +127,10 @@ def test_each_rank_gets_its_place_and_the_job_requeues_only_when_preempted(tmp_p
     proc = _start(env, "configs/demo.yaml", *OVERRIDES)
     log = env["FAKE_SLURM_LOG"]
     if signum is not None:
-        assert _wait_for(lambda: all(os.path.exists(os.path.join(log, f"rank_{r}.json")) for r in range(4)), proc)
-        time.sleep(0.3)  # the ranks are in their wait loop, handlers installed
-        proc.send_signal(signum)  # to the batch shell only, as --signal=B:USR1 does
-    output = proc.communicate(timeout=120)[0]
+        if _wait_for(lambda: all(os.path.exists(os.path.join(log, f"rank_{r}.json")) for r in range(4)), proc):
+            time.sleep(0.3)  # the ranks are in their wait loop, handlers installed
+            proc.send_signal(signum)  # to the batch shell only, as --signal=B:USR1 does
+    output = _finish(proc)
     assert proc.returncode == code, output
     assert _requeues(env) == (["requeue 4242"] if requeued else []), output
     with open(os.path.join(log, "srun.json")) as f:
@@ -163,13 +176,12 @@ def test_real_ranks_checkpoint_on_the_time_limit_signal_and_the_job_requeues(dem
                   f"data.train_sources.0.shards={demo_data}/classes/train-{{000000..000003}}.tar",
                   f"data.val_shards={demo_data}/classes/val-000000.tar", "data.batch_size=16",
                   "model.arch={channels: 8, depths: [1, 1, 1, 1], groups: [1, 1, 2, 2]}",
-                  "schedule.total_steps=500", "checkpoint.every_steps=0", "logging.every_steps=1",
+                  "data.workers=0", "schedule.total_steps=500", "checkpoint.every_steps=0", "logging.every_steps=1",
                   "logging.progress_bar=false")
     metrics = run_dir / "metrics.jsonl"
-    assert _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc, timeout=180), \
-        proc.stdout.read()[-4000:]
-    proc.send_signal(signal.SIGUSR1)
-    output = proc.communicate(timeout=180)[0]
+    if _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc, timeout=300):
+        proc.send_signal(signal.SIGUSR1)
+    output = _finish(proc)
     assert proc.returncode == 0, output[-4000:]
     assert "preempted: checkpoint saved" in output and _requeues(env) == ["requeue 4242"], output[-4000:]
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
