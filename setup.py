@@ -107,9 +107,11 @@ setup(
         "pillow>=10.0",
         "simplejpeg>=1.7",  # libjpeg-turbo decoding, ~20% faster than PIL's in the loader
         "safetensors>=0.4",  # .safetensors weight files
+        "ftfy>=6.1",  # caption cleaning of the CLIP BPE tokenizer, as CLIP does it
     ],
     extras_require={
-        "test": ["pytest>=7.4", "scikit-learn>=1.3", "tokenizers>=0.15", "ruff>=0.4"],
+        "test": ["pytest>=7.4", "scikit-learn>=1.3", "tokenizers>=0.15", "ruff>=0.4",
+                 "wandb>=0.17"],  # logging.wandb, tested offline
         "demo": ["scikit-learn>=1.3"],
     },
 )

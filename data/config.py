@@ -108,8 +108,12 @@ class DataConfig:
     exif_transpose: bool = False
     # Eval: resize the short side to img_size / eval_crop_ratio, then centre-crop img_size.
     eval_crop_ratio: float = 0.875
+    # Caption tokens per row (start and end included). tokenizer: a vocabulary file, CLIP's BPE
+    # merges (*.txt.gz / *.txt) or a HuggingFace tokenizers file (*.json); null: byte-level, one
+    # token per byte, which a contrastive run takes only with allow_byte_tokenizer (the demo, tests).
     context_length: int = 77
     tokenizer: str | None = None
+    allow_byte_tokenizer: bool = False
     # Pin batches in page-locked memory for asynchronous host-to-GPU copies.
     pin_memory: bool = False
     # A source stops the run with an error naming it when more than this share of its last

@@ -18,7 +18,8 @@ usage() {
   echo
   echo "Overrides are key.sub=value (configs/*.yaml, pretrain/config.py); DeepSpeed's --deepspeed_config"
   echo "FILE adds your own DeepSpeed JSON under the YAML. Under Slurm send SIGUSR1 before the time limit"
-  echo "(sbatch --signal=USR1@600): every rank checkpoints and exits 0, and the same command resumes."
+  echo "(sbatch --signal=USR1@600): every rank checkpoints and exits 0, and the same command resumes;"
+  echo "launch/slurm_pretrain.sbatch is a batch job that does this and requeues itself."
   echo "Without the deepspeed launcher: torchrun --nproc_per_node N -m internimage.pretrain.train CONFIG"
   echo "[key=value ...] (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE as the launcher does)."
 }

@@ -7,6 +7,7 @@ and checks cross-field consistency, all before any process starts work.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from .files import atomic_write_text
 __all__ = [
     "CheckpointConfig", "ConfigError", "DeepSpeedSection", "EmaConfig", "EvalConfig", "LoggingConfig",
     "ModelConfig", "ObjectiveConfig", "OptimConfig", "PretrainConfig", "ScheduleConfig",
-    "TextConfig", "load_config", "save_config",
+    "TextConfig", "WandbConfig", "load_config", "save_config",
 ]
 
 
@@ -133,11 +134,26 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases: rank 0 sends the scalars of metrics.jsonl (``pip install wandb``). The run
+    id is kept in RUN_DIR/wandb_run.json, so a resumed run continues the same W&B run."""
+    enabled: bool = False
+    project: str = "internimage"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # None: the run folder's name
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    # online, offline (kept under RUN_DIR/wandb, `wandb sync` later) or disabled; None: WANDB_MODE or online
+    mode: Optional[Literal["online", "offline", "disabled"]] = None
+
+
+@dataclass
 class LoggingConfig:
     every_steps: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
     peak_tflops: Optional[float] = None  # per device; None: looked up from the device table
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -261,6 +277,9 @@ class PretrainConfig:
                    "activation_checkpointing.enabled takes true/false or one flag per stage (4 flags).")
         _check(self.objective.init_temperature > 0, "objective.init_temperature must be > 0.")
         _check(self.logging.every_steps >= 1, "logging.every_steps must be ≥ 1.")
+        _check(not self.logging.wandb.enabled or importlib.util.find_spec("wandb") is not None,
+               "logging.wandb.enabled=true needs the wandb package: pip install wandb "
+               "(or set logging.wandb.enabled=false).")
         _check(self.deepspeed.grad_reduce_dtype in ("fp32", self.deepspeed.precision),
                f"deepspeed.grad_reduce_dtype must be fp32 or the training precision "
                f"({self.deepspeed.precision}), got {self.deepspeed.grad_reduce_dtype}.")
@@ -285,6 +304,12 @@ class PretrainConfig:
             _check(kinds <= {"caption"}, "objective.kind=contrastive needs only kind=caption sources "
                    f"(got {sorted(kinds)}); use objective.kind=mixed for class sources.")
         self._validate_eval()
+        _check(self.objective.kind == "supervised" or "caption" not in kinds or self.data.tokenizer is not None
+               or self.data.allow_byte_tokenizer,
+               f"objective.kind={self.objective.kind} on caption sources needs a text tokenizer file: set "
+               "data.tokenizer to CLIP's bpe_simple_vocab_16e6.txt.gz (README, Data: where to get it) or a "
+               "HuggingFace tokenizers .json. The byte-level fallback fits ~4x less caption text into "
+               "data.context_length; to train with it anyway set data.allow_byte_tokenizer=true.")
         self.data.validate()
         return self
 

@@ -13,14 +13,19 @@ import os
 import resource
 import sys
 import time
+import uuid
 from typing import Any
 
 import torch
 
+from internimage.data import DataConfig, Tokenizer
+from internimage.data.caption_sample import caption_token_statistics, first_captions
+
+from .config import WandbConfig
 from .distributed import compute_device
 from .files import atomic_write_text
 
-__all__ = ["MetricsWriter", "ProgressLine", "device_memory_stats", "device_peak_tflops",
+__all__ = ["MetricsWriter", "ProgressLine", "device_memory_stats", "device_peak_tflops", "log_caption_tokens",
            "peak_memory_gib", "peak_tflops_of", "reset_peak_memory", "train_tflops_per_image"]
 
 # Dense bf16 tensor-core peak per device, TFLOP/s (vendor datasheets, no sparsity), keyed by a
@@ -98,16 +103,20 @@ def reset_peak_memory() -> None:
 
 
 class MetricsWriter:
-    """Writes scalars to ``RUN_DIR/metrics.jsonl`` and TensorBoard (``RUN_DIR/tensorboard``).
+    """Writes scalars to ``RUN_DIR/metrics.jsonl``, TensorBoard (``RUN_DIR/tensorboard``) and, with
+    ``wandb.enabled``, Weights & Biases (the run ``config`` dict as its config).
 
     ``resumed_at``: the step the run continues from. Records written after it by the interrupted
-    run are dropped from both, so a resumed run's curves have each step once.
+    run are dropped from the file and TensorBoard, so a resumed run's curves have each step once;
+    W&B keeps what it received, and steps it already has are not sent again.
     """
 
-    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, resumed_at: int = 0):
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, resumed_at: int = 0,
+                 wandb: WandbConfig | None = None, config: dict | None = None):
         self.enabled = enabled
         self.tb = None
         self.file = None
+        self.wandb = None
         if not enabled:
             return
         path = os.path.join(run_dir, "metrics.jsonl")
@@ -119,6 +128,16 @@ class MetricsWriter:
             # purge_step: TensorBoard hides the events at and after it from the earlier run.
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"),
                                     purge_step=resumed_at + 1 if resumed_at else None)
+        if wandb is not None and wandb.enabled:
+            try:
+                self.wandb = start_wandb_run(run_dir, wandb, config)
+            except Exception as exc:  # noqa: BLE001 - a W&B outage must not stop the run (or leave
+                # the other ranks waiting at their first collective); the files have every number
+                print(f"W&B could not start ({type(exc).__name__}: {exc}); metrics go to metrics.jsonl "
+                      "and TensorBoard only", file=sys.stderr, flush=True)
+            else:
+                # W&B takes steps in rising order only: a resumed run's first steps may be there already.
+                self.wandb_from_step = self.wandb.step
 
     def write(self, step: int, scalars: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:
@@ -126,17 +145,58 @@ class MetricsWriter:
         clean = {k: _plain(v) for k, v in scalars.items() if v is not None}
         self.file.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **clean}) + "\n")
         self.file.flush()
+        numbers = {f"{kind}/{key}": value for key, value in clean.items()
+                   if isinstance(value, (int, float)) and math.isfinite(value)}
         if self.tb is not None:
-            for key, value in clean.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+            for tag, value in numbers.items():
+                self.tb.add_scalar(tag, value, step)
             self.tb.flush()
+        if self.wandb is not None and step >= self.wandb_from_step:
+            self.wandb.log(numbers, step=step)
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+WANDB_RUN_FILE = "wandb_run.json"
+
+
+def start_wandb_run(run_dir: str, cfg: WandbConfig, config: dict | None):
+    """The W&B run of this run folder, files under ``RUN_DIR/wandb``: a new one the first time,
+    after that the one whose id ``RUN_DIR/wandb_run.json`` keeps (a resumed run goes on in it)."""
+    import wandb
+
+    id_file = os.path.join(run_dir, WANDB_RUN_FILE)
+    if os.path.exists(id_file):
+        with open(id_file) as f:
+            run_id = json.load(f)["id"]
+    else:
+        run_id = uuid.uuid4().hex[:16]
+        atomic_write_text(id_file, json.dumps({"id": run_id}) + "\n")
+    run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=cfg.tags or None,
+                     name=cfg.name or os.path.basename(os.path.abspath(run_dir)), mode=cfg.mode,
+                     dir=run_dir, id=run_id, resume="allow")
+    if config:
+        run.config.update(config, allow_val_change=True)  # a resumed run may change its overrides
+    return run
+
+
+def log_caption_tokens(writer: MetricsWriter, step: int, cfg: DataConfig, tokenizer: Tokenizer) -> None:
+    """Once at start (rank 0): tokens per caption and the share cut at ``context_length``, measured
+    on the first captions of the caption sources; printed and written as ``tokens/*``."""
+    stats = caption_token_statistics(tokenizer, first_captions(cfg))
+    if not stats:
+        return
+    print(f"captions: {stats['mean_tokens']:.1f} tokens on average (start and end included), "
+          f"{stats['truncated_share']:.1%} cut at context_length={tokenizer.context_length}; "
+          f"{tokenizer.kind} tokenizer, {stats['captions']} captions of the first shards", flush=True)
+    writer.write(step, stats, kind="tokens")
 
 
 def _drop_records_after(path: str, step: int) -> None:

@@ -31,7 +31,7 @@ from .engine import build_engine, build_module, scaled_lr
 from .evaluation import Evaluator
 from .files import RunFolderLocked, RunLock, clear_preemption, record_preemption
 from .guards import NonFiniteError, gradients_finite, tensors_finite, unpadded
-from .metrics import (MetricsWriter, ProgressLine, device_memory_stats, device_peak_tflops,
+from .metrics import (MetricsWriter, ProgressLine, device_memory_stats, device_peak_tflops, log_caption_tokens,
                       peak_memory_gib, reset_peak_memory, train_tflops_per_image)
 from .optim import Schedule, set_lr
 from .state import Progress, RandomState, RankState, RunState
@@ -103,7 +103,9 @@ class Trainer:
                   f"steps of {global_batch} images to go", flush=True)
         self.peak_lr = scaled_lr(cfg, self.world)
         self.metrics = MetricsWriter(cfg.run_dir, self.is_main, cfg.logging.tensorboard,
-                                     resumed_at=self.progress.step)
+                                     resumed_at=self.progress.step, wandb=cfg.logging.wandb, config=to_dict(cfg))
+        if self.is_main and tokenizer is not None:
+            log_caption_tokens(self.metrics, self.progress.step, cfg.data, tokenizer)
         self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
 
     # -- set-up helpers ----------------------------------------------------------------------

@@ -115,3 +115,27 @@ def test_deepspeeds_command_line_habits_are_understood():
     assert parse_cli(["--local_rank=0", "--deepspeed_config=x.json"]) == (None, ["deepspeed.config_file=x.json"])
     with pytest.raises(ConfigError, match="needs a file"):
         parse_cli(["--deepspeed_config"])
+
+
+LAION = os.path.join(REPO, "configs", "pretrain_internimage_h_laion_22k.yaml")
+
+
+def test_captions_without_a_tokenizer_file_need_the_byte_level_fallback_said_explicitly():
+    """A contrastive run on real captions with the byte-level tokenizer (a dozen words in 77 tokens) is
+    refused before any process starts; the error names the file to get and the key that allows it."""
+    assert load_config(LAION).data.tokenizer.endswith("bpe_simple_vocab_16e6.txt.gz")
+    with pytest.raises(ConfigError, match=r"bpe_simple_vocab_16e6.txt.gz .*data.allow_byte_tokenizer=true"):
+        load_config(LAION, ["data.tokenizer=null"])
+    assert load_config(LAION, ["data.tokenizer=null", "data.allow_byte_tokenizer=true"]).data.tokenizer is None
+    captions = '[{name: c, shards: "/d/c-{0..9}.tar", kind: caption}]'
+    with pytest.raises(ConfigError, match="objective.kind=contrastive on caption sources needs a text tokenizer"):
+        load_config(DEMO, ["objective.kind=contrastive", f"data.train_sources={captions}"])
+
+
+def test_wandb_enabled_without_the_package_names_the_install(monkeypatch):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match="logging.wandb.enabled=true needs the wandb package: pip install wandb"):
+        load_config(DEMO, ["logging.wandb.enabled=true"])
+    assert load_config(DEMO, ["logging.wandb.project=x"]).logging.wandb.enabled is False

@@ -3,6 +3,8 @@
 Every run goes through ``launch/pretrain.sh`` or the ``deepspeed`` launcher, like a user's would.
 One uninterrupted reference run is shared; interrupted runs must end with its exact weights.
 """
+import glob
+import importlib.util
 import json
 import os
 import signal
@@ -391,12 +393,18 @@ def test_bad_config_key_is_rejected_before_any_process_starts(tmp_path):
     assert not os.path.exists(run_dir) and time.time() - t0 < 30
 
 
+# W&B (a test dependency, optional for users) logs offline here: no network, files in the run folder.
+WANDB_OFFLINE = {"logging.wandb.enabled": "true", "logging.wandb.mode": "offline"} \
+    if importlib.util.find_spec("wandb") else {}
+
+
 def test_mixed_demo_trains_both_objectives_and_evaluates_zero_shot_and_retrieval(demo_data, tmp_path):
     run_dir = str(tmp_path / "mixed")
     overrides = _overrides(demo_data, run_dir, **{
         "data.train_sources.1.shards": f"{demo_data}/captions/train-{{000000..000003}}.tar",
         "data.val_caption_shards": f"{demo_data}/captions/val-000000.tar",
-        "schedule.total_steps": 3, "checkpoint.every_steps": 0, "text.width": 16, "objective.embed_dim": 16})
+        "schedule.total_steps": 3, "checkpoint.every_steps": 0, "text.width": 16, "objective.embed_dim": 16,
+        "data.context_length": 16, **WANDB_OFFLINE})
     result = run(deepspeed_cmd(2, "--module", "internimage.pretrain.train", "configs/demo_mixed.yaml", *overrides))
     assert result.returncode == 0, tail(result)
     train, evals = _train_metrics(run_dir)
@@ -410,6 +418,17 @@ def test_mixed_demo_trains_both_objectives_and_evaluates_zero_shot_and_retrieval
     assert evals[-1]["zeroshot_samples"] == 2 * 16 * 2  # eval.max_batches × batch × ranks
     assert evals[-1]["retrieval_pairs"] == 360  # every caption pair, whatever max_batches
     assert "zeroshot_top1" in result.stdout and "t2i_r10" in result.stdout  # printed by rank 0
+    # Once at start, rank 0 measured the first 1000 demo captions ("handwritten digit 1 (one)" and the
+    # like), all longer than 16 byte-level tokens.
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        tokens = [row for row in map(json.loads, f) if row["kind"] == "tokens"]
+    assert len(tokens) == 1 and tokens[0]["captions"] == 1000 and tokens[0]["mean_tokens"] > 16
+    assert tokens[0]["truncated_share"] == 1.0  # every demo caption is longer than 14 bytes
+    assert "cut at context_length=16; bytes tokenizer" in result.stdout
+    if WANDB_OFFLINE:  # rank 0 sent the same scalars to an offline W&B run kept in the run folder
+        with open(os.path.join(run_dir, "wandb_run.json")) as f:
+            run_id = json.load(f)["id"]
+        assert glob.glob(os.path.join(run_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))
 
 
 def test_consecutive_non_finite_losses_stop_with_an_error_naming_the_step(demo_data, tmp_path):
