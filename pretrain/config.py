@@ -37,6 +37,13 @@ class ModelConfig:
     arch: dict = field(default_factory=dict)
     # Run DCNv3 through the pure-PyTorch reference instead of the fused kernel (for cross-checks).
     dcn_reference: bool = False
+    # Regional torch.compile of the blocks (InternImage.compile_blocks) with this backend. Off until
+    # a GPU run shows the gain (python -m internimage.pretrain.bench --compile both).
+    compile: bool = False
+    compile_backend: str = "inductor"
+    # The image enters the stem in channels-last memory (InternImage.set_channels_last); off until
+    # a GPU run shows the gain (bench --channels-last both). Values are unchanged.
+    channels_last: bool = False
 
 
 @dataclass
@@ -129,7 +136,8 @@ class LoggingConfig:
 
 @dataclass
 class DeepSpeedSection:
-    """What goes into the DeepSpeed config; ``extra`` is merged in last for anything else."""
+    """What goes into the DeepSpeed config (``extra`` merged in last for anything else), and how the
+    ranks compute and communicate around it (TF32, collective timeout)."""
     zero_stage: Literal[0, 1, 2, 3] = 3
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     fp16_initial_scale_power: int = 16
@@ -137,6 +145,14 @@ class DeepSpeedSection:
     overlap_comm: bool = True
     stage3_prefetch_bucket_size: Optional[int] = None
     stage3_param_persistence_threshold: Optional[int] = None
+    # ZeRO-3 gathers each InternImage block's parameters at once when the block starts (DeepSpeed's
+    # leaf modules) instead of layer by layer: fewer, larger all-gathers and far fewer hooks.
+    # model.compile needs it under ZeRO-3 and implies it. Off until a GPU run shows the gain
+    # (bench --whole-blocks both).
+    gather_whole_blocks: bool = False
+    # fp32 matmuls and convolutions on GPU tensor cores in TF32 (10-bit mantissa); bf16/fp16 and the
+    # CPU are unaffected. On, as before this switch existed; bench --tf32 both times it.
+    tf32: bool = True
     # Dtype of the gradient reduction across ranks. bf16 halves the traffic but rounds the partial
     # sums to an 8-bit mantissa at every hop of the ring (a thousand hops on a thousand GPUs);
     # fp32 keeps the sum exact to fp32 rounding. DeepSpeed's own default is the training dtype.
@@ -251,6 +267,8 @@ class PretrainConfig:
                f"({self.deepspeed.precision}), got {self.deepspeed.grad_reduce_dtype}.")
         _check(self.deepspeed.collective_timeout_minutes > 0,
                "deepspeed.collective_timeout_minutes must be > 0.")
+        if self.model.compile:
+            _check_compile_backend(self.model.compile_backend)
         self.deepspeed.user_json()
         _reject_owned_keys(self.deepspeed.extra, "deepspeed.extra")
         d = self.deepspeed
@@ -269,6 +287,13 @@ class PretrainConfig:
                    f"(got {sorted(kinds)}); use objective.kind=mixed for class sources.")
         self.data.validate()
         return self
+
+
+def _check_compile_backend(backend: str) -> None:
+    import torch._dynamo
+    known = torch._dynamo.list_backends(exclude_tags=())
+    _check(backend in known, f"model.compile_backend={backend!r} is not a torch.compile backend; "
+           f"known: {', '.join(known)} (inductor on GPUs; aot_eager traces without generating code).")
 
 
 def _check(condition: bool, message: str) -> None:
