@@ -7,6 +7,7 @@ Module names follow the official checkpoints, so their state dicts load without 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -89,21 +90,47 @@ class InternImageBlock(nn.Module):
         if arch.res_post_norm:
             self.res_post_norm1 = layer_norm(channels)
             self.res_post_norm2 = layer_norm(channels)
-
-    @staticmethod
-    def _scaled(gamma: Tensor | None, x: Tensor) -> Tensor:
-        return x if gamma is None else gamma * x
+        self.compile_backend: str | None = None  # set by InternImage.compile_blocks
 
     def forward(self, x: Tensor) -> Tensor:
-        """(N, H, W, C) → (N, H, W, C)."""
-        if self.post_norm:
-            x = x + self.drop_path(self._scaled(self.gamma1, self.norm1(self.dcn(x))))
-            return x + self.drop_path(self._scaled(self.gamma2, self.norm2(self.mlp(x))))
-        if self.res_post_norm:
-            x = x + self.drop_path(self.res_post_norm1(self.dcn(self.norm1(x))))
-            return x + self.drop_path(self.res_post_norm2(self.mlp(self.norm2(x))))
-        x = x + self.drop_path(self._scaled(self.gamma1, self.dcn(self.norm1(x))))
-        return x + self.drop_path(self._scaled(self.gamma2, self.mlp(self.norm2(x))))
+        """(N, H, W, C) → (N, H, W, C). Stochastic depth is drawn here, before the residual branches
+        (the order of the draws is unchanged), so a compiled block takes the draws as inputs: every
+        block of a stage then runs one graph whatever its drop rate, which a graph would otherwise
+        hold as a constant."""
+        # torch.jit.trace (fvcore's FLOP count) cannot enter a compiled function: it traces the eager one.
+        eager = self.compile_backend is None or torch.jit.is_tracing()
+        residuals = _block_residuals if eager else _compiled_residuals(self.compile_backend)
+        return residuals(self, x, self.drop_path.scale(x), self.drop_path.scale(x))
+
+
+def _scaled(gamma: Tensor | None, x: Tensor) -> Tensor:
+    return x if gamma is None else gamma * x
+
+
+def _dropped(branch: Tensor, scale: Tensor | None) -> Tensor:
+    return branch if scale is None else branch * scale
+
+
+def _block_residuals(block: InternImageBlock, x: Tensor, drop1: Tensor | None, drop2: Tensor | None) -> Tensor:
+    """The block's two residual branches; ``drop1``/``drop2``: the stochastic-depth factors of each
+    (``DropPath.scale``). The region ``compile_blocks`` compiles."""
+    if block.post_norm:
+        x = x + _dropped(_scaled(block.gamma1, block.norm1(block.dcn(x))), drop1)
+        return x + _dropped(_scaled(block.gamma2, block.norm2(block.mlp(x))), drop2)
+    if block.res_post_norm:
+        x = x + _dropped(block.res_post_norm1(block.dcn(block.norm1(x))), drop1)
+        return x + _dropped(block.res_post_norm2(block.mlp(block.norm2(x))), drop2)
+    x = x + _dropped(_scaled(block.gamma1, block.dcn(block.norm1(x))), drop1)
+    return x + _dropped(_scaled(block.gamma2, block.mlp(block.norm2(x))), drop2)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_residuals(backend: str):
+    """One compiled ``_block_residuals`` per backend, shared by every block: blocks of equal width
+    reuse its graphs (one per stage × training/evaluation × batch shape, static shapes). Not
+    ``fullgraph``: that would turn dynamo's recompile limit (an unforeseen batch shape) into an
+    error mid-run instead of an eager fallback; the tests count the graph breaks (none)."""
+    return torch.compile(_block_residuals, backend=backend, dynamic=False)
 
 
 class Stem(nn.Module):
@@ -116,8 +143,11 @@ class Stem(nn.Module):
         self.act = nn.GELU()
         self.conv2 = nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1)
         self.norm2 = layer_norm(channels, in_channels_first=True)
+        self.channels_last_input = False  # set by InternImage.set_channels_last
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last_input:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
 
 
@@ -266,6 +296,32 @@ class InternImage(nn.Module):
                              f"got enable={enable!r}, every={every}")
         for level, flag in zip(self.levels, flags):
             level.checkpointed = [flag and index % every == 0 for index in range(len(level.blocks))]
+
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """Regional compilation: every block's residual branches run through one ``torch.compile``d
+        function (``backend``), whose graphs blocks of equal width share, so compiling InternImage-H
+        costs one graph per stage, not per block. The stem, downsampling layers and head stay eager.
+        Module names and state-dict keys are unchanged (nothing is wrapped). Under ZeRO-3 each block
+        must gather its parameters as a whole (``pretrain.engine`` marks the blocks as ZeRO-3 leaf
+        modules): per-submodule hooks inside the compiled region would break its graph."""
+        import torch._dynamo
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if backend not in known:
+            raise ValueError(f"unknown torch.compile backend {backend!r}; known: {', '.join(known)}")
+        for level in self.levels:
+            for block in level.blocks:
+                block.compile_backend = backend
+        # Graphs per stage: with/without stochastic depth × training/evaluation × a full and a
+        # partial last batch; dynamo's default limit (8 per function) would send later stages to eager.
+        limit = 8 * len(self.levels)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+    def set_channels_last(self, enable: bool = True) -> None:
+        """The image enters the stem in channels-last memory (N, C, H, W viewed over NHWC storage),
+        so the stem's first convolution runs in the NHWC layout GPU convolutions prefer and its
+        output needs no transpose before the LayerNorm. Every later convolution already receives
+        channels-last memory (the (N, H, W, C) features permuted). Values are unchanged."""
+        self.patch_embed.channels_last_input = bool(enable)
 
     def head_module_names(self) -> tuple[str, ...]:
         """Top-level modules that form the classification head (not part of the backbone)."""

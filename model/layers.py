@@ -40,12 +40,19 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x: Tensor) -> Tensor:
+    def scale(self, x: Tensor) -> Tensor | None:
+        """Per-sample factors (N, 1, …, 1) in ``x``'s dtype for a branch shaped like ``x``: 0 (dropped)
+        or 1 / keep; None when nothing is dropped (evaluation, or rate 0). Drawn from torch's default
+        generator, so the same seed draws the same samples eagerly and in a compiled block."""
         if self.drop_prob == 0.0 or not self.training:
-            return x
+            return None
         keep = 1.0 - self.drop_prob
         shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+        return x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.scale(x)
+        return x if scale is None else x * scale
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.3f}"

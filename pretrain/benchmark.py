@@ -1,9 +1,11 @@
-"""The training-step benchmark of one device (``python -m internimage.pretrain.bench``): DeepSpeed
-(ZeRO stage, precision) on synthetic batches, activation checkpointing on/off, one micro-batch or
-the largest that fits."""
+"""The training-step benchmark (``python -m internimage.pretrain.bench``): DeepSpeed (ZeRO stage,
+precision) on synthetic batches, activation checkpointing and the speed switches (compiled blocks,
+channels-last stem input, TF32) on/off, one micro-batch or the largest that fits; on one device,
+or on every rank of a launcher's group."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from typing import Callable
@@ -12,36 +14,61 @@ import torch
 
 from internimage.ops import use_reference
 
-from .distributed import compute_device, precision_dtype, synchronize
+from .distributed import compute_device, is_main, precision_dtype, set_tf32, synchronize, world_size
 from .engine import free_memory, release_engine
 from .metrics import (device_memory_stats, device_peak_tflops, peak_memory_gib, reset_peak_memory,
                       train_tflops_per_image)
 
-__all__ = ["bench_largest", "bench_one", "emit", "largest_fitting", "macs_per_image"]
+__all__ = ["Switches", "bench_largest", "bench_one", "emit", "largest_fitting", "macs_per_image"]
 
 
 # The batches are synthetic; the config still names a source, as every config must.
 SYNTHETIC_SOURCE = "data.train_sources=[{name: synthetic, shards: synthetic.tar, kind: class}]"
 
 
-def _cfg(args, micro_batch: int, checkpointing: bool):
+@dataclasses.dataclass(frozen=True)
+class Switches:
+    """The speed switches one benchmark row runs with (their config keys in ``overrides``)."""
+    compile: bool = False
+    whole_blocks: bool = False
+    channels_last: bool = False
+    tf32: bool = True
+    compile_backend: str = "inductor"
+
+    def overrides(self) -> list[str]:
+        flag = {True: "true", False: "false"}
+        return [f"model.compile={flag[self.compile]}", f"model.compile_backend={self.compile_backend}",
+                f"deepspeed.gather_whole_blocks={flag[self.whole_blocks]}",
+                f"model.channels_last={flag[self.channels_last]}", f"deepspeed.tf32={flag[self.tf32]}"]
+
+    def row(self) -> dict:
+        """The switches as a row reports them; ``whole_blocks`` as in effect (compile implies it)."""
+        return {"compile": self.compile, "whole_blocks": self.whole_blocks or self.compile,
+                "channels_last": self.channels_last, "tf32": self.tf32,
+                **({"compile_backend": self.compile_backend} if self.compile else {})}
+
+
+def _cfg(args, micro_batch: int, checkpointing: bool, switches: Switches):
     from .config import load_config
     overrides = [SYNTHETIC_SOURCE, f"model.name={args.model}", f"model.num_classes={args.num_classes}",
                  "model.arch={}", f"activation_checkpointing.enabled={str(checkpointing).lower()}",
                  f"model.dcn_reference={str(args.dcn_reference).lower()}",
                  "model.drop_path_rate=null", f"data.img_size={args.img_size}",
                  f"data.batch_size={micro_batch}", f"deepspeed.zero_stage={args.zero_stage}",
-                 f"deepspeed.precision={args.precision}", "optim.base_batch_size=null"]
+                 f"deepspeed.precision={args.precision}", "optim.base_batch_size=null", *switches.overrides()]
     return load_config(None, overrides)
 
 
-def bench_one(args, micro_batch: int, checkpointing: bool, macs: int | None) -> dict:
-    """Times ``args.steps`` optimizer steps after ``args.warmup`` untimed ones."""
+def bench_one(args, micro_batch: int, checkpointing: bool, macs: int | None,
+              switches: Switches = Switches()) -> dict:
+    """Times ``args.steps`` optimizer steps after ``args.warmup`` untimed ones (a compiled model
+    compiles in the first warm-up step). Steps/s and images/s are per rank."""
     result = {"model": args.model, "img_size": args.img_size, "micro_batch": micro_batch,
-              "checkpointing": checkpointing, "zero_stage": args.zero_stage, "precision": args.precision}
+              "checkpointing": checkpointing, **switches.row(), "zero_stage": args.zero_stage,
+              "precision": args.precision, "world_size": world_size()}
     engine = None
     try:
-        engine = _build(args, micro_batch, checkpointing)
+        engine = _build(args, micro_batch, checkpointing, switches)
         seconds = _timed_steps(engine, args, micro_batch)
     except RuntimeError as error:  # torch.OutOfMemoryError is one
         if not _out_of_memory(error):
@@ -68,16 +95,17 @@ def bench_one(args, micro_batch: int, checkpointing: bool, macs: int | None) -> 
     return result
 
 
-def _build(args, micro_batch: int, checkpointing: bool):
+def _build(args, micro_batch: int, checkpointing: bool, switches: Switches):
     """The DeepSpeed engine, its module initialised on the device (H's 1.1 B parameters take tens
     of seconds to initialise on the CPU, and a ``max`` search builds one engine per probe)."""
     from .engine import build_engine, build_module
     from .optim import set_lr
-    cfg = _cfg(args, micro_batch, checkpointing)
+    cfg = _cfg(args, micro_batch, checkpointing, switches)
+    set_tf32(cfg.deepspeed.tf32)
     torch.manual_seed(0)
     with torch.device(compute_device()):
         module = build_module(cfg)
-    engine, optimizer, _ = build_engine(cfg, module, 1)
+    engine, optimizer, _ = build_engine(cfg, module, world_size())
     set_lr(optimizer, 1e-4)
     return engine
 
@@ -148,14 +176,14 @@ def _bracket(fits: Callable[[int], bool], start: int, limit: int) -> tuple[int, 
     return 0, 1
 
 
-def bench_largest(args, checkpointing: bool, macs: int | None) -> list[dict]:
+def bench_largest(args, checkpointing: bool, macs: int | None, switches: Switches = Switches()) -> list[dict]:
     """``--micro-batch max``: the probes' results, then the full timing of the largest that fits
     (``"largest": true``, with ``"first_oom"``, the smallest size that did not)."""
     probe_args = argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 1})
     results: list[dict] = []
 
     def fits(micro_batch: int) -> bool:
-        result = {**bench_one(probe_args, micro_batch, checkpointing, macs), "probe": True}
+        result = {**bench_one(probe_args, micro_batch, checkpointing, macs, switches), "probe": True}
         emit(result)
         results.append(result)
         return not result.get("oom")
@@ -164,10 +192,10 @@ def bench_largest(args, checkpointing: bool, macs: int | None) -> list[dict]:
     fitting = sorted((r["micro_batch"] for r in results if not r.get("oom")), reverse=True)
     oom = [r["micro_batch"] for r in results if r.get("oom")]
     final = {"model": args.model, "img_size": args.img_size, "micro_batch": 0,
-             "checkpointing": checkpointing, "oom": True}
+             "checkpointing": checkpointing, **switches.row(), "oom": True}
     # Largest first; the next smaller fit only if the longer run goes out of memory after all.
     for micro_batch in fitting:
-        final = bench_one(args, micro_batch, checkpointing, macs)
+        final = bench_one(args, micro_batch, checkpointing, macs, switches)
         if not final.get("oom"):
             break
     final.update(largest=True, first_oom=min(oom, default=None))
@@ -176,7 +204,9 @@ def bench_largest(args, checkpointing: bool, macs: int | None) -> list[dict]:
 
 
 def emit(result: dict) -> None:
-    print(json.dumps(result), flush=True)
+    """One JSON line, from rank 0 only (every rank times its own steps; they run in lockstep)."""
+    if is_main():
+        print(json.dumps(result), flush=True)
 
 
 def macs_per_image(args) -> int | None:

@@ -38,6 +38,13 @@ class ModelConfig:
     arch: dict = field(default_factory=dict)
     # Run DCNv3 through the pure-PyTorch reference instead of the fused kernel (for cross-checks).
     dcn_reference: bool = False
+    # Regional torch.compile of the blocks (InternImage.compile_blocks) with this backend. Off until
+    # a GPU run shows the gain (python -m internimage.pretrain.bench --compile both).
+    compile: bool = False
+    compile_backend: str = "inductor"
+    # The image enters the stem in channels-last memory (InternImage.set_channels_last); off until
+    # a GPU run shows the gain (bench --channels-last both). Values are unchanged.
+    channels_last: bool = False
 
 
 @dataclass
@@ -158,7 +165,8 @@ class LoggingConfig:
 
 @dataclass
 class DeepSpeedSection:
-    """What goes into the DeepSpeed config; ``extra`` is merged in last for anything else."""
+    """What goes into the DeepSpeed config (``extra`` merged in last for anything else), and how the
+    ranks compute and communicate around it (TF32, collective timeout)."""
     zero_stage: Literal[0, 1, 2, 3] = 3
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     fp16_initial_scale_power: int = 16
@@ -166,6 +174,14 @@ class DeepSpeedSection:
     overlap_comm: bool = True
     stage3_prefetch_bucket_size: Optional[int] = None
     stage3_param_persistence_threshold: Optional[int] = None
+    # ZeRO-3 gathers each InternImage block's parameters at once when the block starts (DeepSpeed's
+    # leaf modules) instead of layer by layer: fewer, larger all-gathers and far fewer hooks.
+    # model.compile needs it under ZeRO-3 and implies it. Off until a GPU run shows the gain
+    # (bench --whole-blocks both).
+    gather_whole_blocks: bool = False
+    # fp32 matmuls and convolutions on GPU tensor cores in TF32 (10-bit mantissa); bf16/fp16 and the
+    # CPU are unaffected. On, as before this switch existed; bench --tf32 both times it.
+    tf32: bool = True
     # Dtype of the gradient reduction across ranks. bf16 halves the traffic but rounds the partial
     # sums to an 8-bit mantissa at every hop of the ring (a thousand hops on a thousand GPUs);
     # fp32 keeps the sum exact to fp32 rounding. DeepSpeed's own default is the training dtype.
@@ -287,6 +303,8 @@ class PretrainConfig:
                "deepspeed.collective_timeout_minutes must be > 0.")
         _check(self.deepspeed.heartbeat_timeout_seconds >= 0,
                "deepspeed.heartbeat_timeout_seconds must be >= 0 (0 disables the heartbeat).")
+        if self.model.compile:
+            _check_compile_backend(self.model.compile_backend)
         self.deepspeed.user_json()
         _reject_owned_keys(self.deepspeed.extra, "deepspeed.extra")
         d = self.deepspeed
@@ -334,6 +352,13 @@ class PretrainConfig:
         _check(self.objective.kind != "mixed" or len(names) == self.model.num_classes,
                f"eval.class_names {self.eval.class_names!r} names {len(names)} classes but model.num_classes is "
                f"{self.model.num_classes}: the validation labels index both; use the list of the head's classes.")
+
+
+def _check_compile_backend(backend: str) -> None:
+    import torch._dynamo
+    known = torch._dynamo.list_backends(exclude_tags=())
+    _check(backend in known, f"model.compile_backend={backend!r} is not a torch.compile backend; "
+           f"known: {', '.join(known)} (inductor on GPUs; aot_eager traces without generating code).")
 
 
 def _check(condition: bool, message: str) -> None:

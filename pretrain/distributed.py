@@ -31,7 +31,7 @@ __all__ = ["HEARTBEAT_EXIT_CODE", "PREEMPTION", "Preemption", "all_ranks", "any_
            "communication_device",
            "compute_device", "gather_objects", "gather_rows", "gather_rows_with_grad", "init_distributed",
            "init_single_process", "is_main", "explain_failure", "leave_distributed", "mean_over_ranks",
-           "precision_dtype", "rank", "sum_over_ranks", "sum_tensor_over_ranks", "synchronize",
+           "precision_dtype", "rank", "set_tf32", "sum_over_ranks", "sum_tensor_over_ranks", "synchronize",
            "world_size"]
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -52,12 +52,13 @@ def _on_gpu() -> bool:
     return _accelerator().device_name() == "cuda"
 
 
-def init_distributed(precision: str, timeout_s: float | None = None, heartbeat_timeout_s: float = 0.0) -> bool:
+def init_distributed(precision: str, timeout_s: float | None = None, heartbeat_timeout_s: float = 0.0,
+                     tf32: bool = True) -> bool:
     """Joins the launcher's process group: NCCL on GPUs (after binding this process to the GPU
     ``LOCAL_RANK``, so NCCL's communicator and every tensor use it), gloo on CPU. False when
     ``precision`` cannot run on this device (the reason printed). ``timeout_s`` bounds every
     collective wait (torch's default when None); ``heartbeat_timeout_s`` > 0 starts the heartbeat
-    (a rank silent that long stops every rank)."""
+    (a rank silent that long stops every rank); ``tf32``: see ``set_tf32``."""
     import deepspeed
     on_gpu = _on_gpu()
     if not on_gpu and precision == "fp16":
@@ -66,16 +67,23 @@ def init_distributed(precision: str, timeout_s: float | None = None, heartbeat_t
         return False
     if on_gpu:
         _accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        # fp32 matmuls and convolutions on tensor cores (TF32); bf16/fp16 are unaffected.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
         # A run's convolution shapes are fixed: cuDNN picks the fastest algorithm once per shape.
         torch.backends.cudnn.benchmark = True
+    set_tf32(tf32)
     kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", **kwargs)
     if heartbeat_timeout_s > 0 and world_size() > 1:
         _HEARTBEAT.start(heartbeat_timeout_s)
     return True
+
+
+def set_tf32(enabled: bool) -> None:
+    """fp32 matmuls (cuBLAS) and convolutions (cuDNN) on CUDA tensor cores in TF32, or in full fp32.
+    bf16/fp16 compute and CPU tensors are unaffected. Through the flags ``allow_tf32``, which torch
+    also reports through ``fp32_precision`` (what inductor reads); setting ``fp32_precision`` here
+    instead would make a later read of ``allow_tf32`` (DeepSpeed, user code) raise."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def init_single_process() -> None:

@@ -29,6 +29,10 @@ def build_image_model(cfg: PretrainConfig) -> nn.Module:
     recompute = cfg.activation_checkpointing
     if recompute.enabled:
         model.set_grad_checkpointing(recompute.enabled, every=recompute.every_blocks)
+    if m.channels_last:
+        model.set_channels_last()
+    if m.compile:
+        model.compile_blocks(m.compile_backend)
     return model
 
 
@@ -140,11 +144,24 @@ def build_engine(cfg: PretrainConfig, module: PretrainModule, world_size: int,
     client = build_optimizer(groups, tuple(cfg.optim.betas), cfg.optim.eps, compute_device().type,
                              cpu_offload=offloads_optimizer(ds))
     gate = StepGate(client)
+    if cfg.deepspeed.zero_stage == 3 and (cfg.deepspeed.gather_whole_blocks or cfg.model.compile):
+        _gather_blocks_whole(module)
     if config_out is not None and is_main():
         atomic_write_json(config_out, ds)
         print(describe_deepspeed_config(ds, world_size) + f" (all of it: {config_out})", flush=True)
     engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=client, config=ds)
     return engine, optimizer, gate
+
+
+def _gather_blocks_whole(module: nn.Module) -> None:
+    """ZeRO-3 gathers each block's parameters in the block's own forward hook, all at once
+    (DeepSpeed's "leaf module"), and none of its submodules carries hooks. A compiled block needs
+    it: ZeRO-3's per-submodule hooks are ``torch.compiler.disable``d, so each would break the
+    block's graph. Before ``deepspeed.initialize``, which installs the hooks."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from internimage.model.internimage import InternImageBlock
+    set_z3_leaf_modules(module, [InternImageBlock])
 
 
 def release_engine(engine) -> None:

@@ -55,8 +55,8 @@ def run_entry(argv: list[str] | None, load: Callable[[str | None, list[str]], Co
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    if not init_distributed(cfg.deepspeed.precision, cfg.deepspeed.collective_timeout_minutes * 60,
-                            cfg.deepspeed.heartbeat_timeout_seconds):
+    d = cfg.deepspeed
+    if not init_distributed(d.precision, d.collective_timeout_minutes * 60, d.heartbeat_timeout_seconds, tf32=d.tf32):
         return 2
     try:
         code = work(cfg)
