@@ -106,6 +106,7 @@ def main() -> int:
 
     config, overrides = parse_cli(args.config_and_overrides)
     cfg = load_config(config, overrides + [f"schedule.total_steps={args.steps}", "checkpoint.every_steps=0",
+                                           "checkpoint.resume=null",
                                            "eval.at_end=false", "eval.every_steps=0", "logging.progress_bar=false"])
     init_distributed(cfg.deepspeed.precision)
     trainer = Trainer(cfg)
