@@ -468,7 +468,7 @@ def test_a_resumed_run_logs_each_step_once(reference_run, tmp_path):
     run_dir = str(tmp_path / "rewound")
     shutil.copytree(reference_run, run_dir)
     cfg = json.load(open(os.path.join(run_dir, "checkpoints", "step_00000004", "trainer_state.json")))["config"]
-    overrides = [o for o in _overrides("unused", run_dir) if not o.startswith("data.")]
+    overrides = [o for o in _overrides("unused", run_dir) if not o.startswith("data.") or "batch_size" in o]
     overrides += [f"data.train_sources.0.shards={cfg['data']['train_sources'][0]['shards']}",
                   f"data.val_shards={cfg['data']['val_shards']}",
                   f"resume={run_dir}/checkpoints/step_00000004", "eval.at_end=false"]
@@ -478,17 +478,17 @@ def test_a_resumed_run_logs_each_step_once(reference_run, tmp_path):
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
 
 
-def test_a_compiled_run_resumes_an_eager_checkpoint_under_the_same_keys(reference_run, tmp_path):
+def test_a_compiled_run_resumes_an_eager_checkpoint_and_ends_on_the_same_weights(reference_run, tmp_path):
     """model.compile wraps nothing: a compiled run (ZeRO-3 gathering whole blocks) resumes the eager
-    reference run's step 4, trains on from the loaded weights, evaluates, and saves and exports
-    under the same keys and shapes. Values: bf16 here, so the first resumed loss is compared within
-    5 % (a run restarted from its initial weights is 10 % off); fp32 equality has its own test."""
+    reference run's step 4 and ends where the uninterrupted run ended, loss for loss and weight for
+    weight (raw and EMA): the AOTAutograd backend runs eager's ops, and gathering whole blocks
+    changes when parameters are fetched, not what is computed."""
     import shutil
     run_dir = str(tmp_path / "compiled")
     shutil.copytree(reference_run, run_dir)
     shutil.rmtree(os.path.join(run_dir, "checkpoints", f"step_{STEPS:08d}"))
     cfg = json.load(open(os.path.join(run_dir, "checkpoints", "step_00000004", "trainer_state.json")))["config"]
-    overrides = [o for o in _overrides("unused", run_dir) if not o.startswith("data.")]
+    overrides = [o for o in _overrides("unused", run_dir) if not o.startswith("data.") or "batch_size" in o]
     overrides += [f"data.train_sources.0.shards={cfg['data']['train_sources'][0]['shards']}",
                   f"data.val_shards={cfg['data']['val_shards']}", f"resume={run_dir}/checkpoints/step_00000004",
                   "model.compile=true", "model.compile_backend=aot_eager"]
@@ -501,4 +501,6 @@ def test_a_compiled_run_resumes_an_eager_checkpoint_under_the_same_keys(referenc
     train, evals = _train_metrics(run_dir)
     expected, _ = _train_metrics(reference_run)
     assert [r["step"] for r in train] == list(range(1, STEPS + 1)) and evals
-    assert train[4]["loss/loss"] == pytest.approx(expected[4]["loss/loss"], rel=0.05)
+    assert [r["loss/loss"] for r in train] == [r["loss/loss"] for r in expected]
+    _assert_same_weights(ours, reference)
+    _assert_same_weights(_weights(run_dir, ema=True), _weights(reference_run, ema=True))
