@@ -14,8 +14,7 @@ without working ``flock`` such a lock is never judged stale: delete it by hand).
 
 The preemption record (``RUN_DIR/preempted.json``): written by rank 0 once every rank saved and is
 about to exit 0 for a stop signal; removed when a run starts. The launch scripts read it because the
-deepspeed launcher exits 1 whenever it was signalled, even when every rank saved and exited 0; a
-Slurm script reads it to requeue.
+deepspeed launcher exits 1 whenever it was signalled, even when every rank saved and exited 0.
 """
 from __future__ import annotations
 

@@ -107,6 +107,7 @@ class Trainer:
         if self.is_main and tokenizer is not None:
             log_caption_tokens(self.metrics, self.progress.step, cfg.data, tokenizer)
         self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
+        self.checkpoint_gib = None  # size of one checkpoint, all ranks (measured at the first save)
 
     # -- set-up helpers ----------------------------------------------------------------------
     def _claim_run_dir(self):
@@ -382,7 +383,9 @@ class Trainer:
         self.saved_step = self.progress.step
         if self.is_main:  # what a stop signal's lead time (Slurm --signal=USR1@SECONDS) must cover
             seconds = time.perf_counter() - started
-            gib = folder_bytes(os.path.join(self.root, tag)) / 2**30
+            if self.checkpoint_gib is None:  # the same every save: one walk of every rank's files, not one per save
+                self.checkpoint_gib = folder_bytes(os.path.join(self.root, tag)) / 2**30
+            gib = self.checkpoint_gib
             self.metrics.write(self.progress.step, {"save_seconds": seconds, "gib": gib},
                                kind="checkpoint")
             print(f"checkpoint {tag}: {gib:.2f} GiB in {seconds:.1f} s", flush=True)

@@ -239,13 +239,18 @@ def test_two_nodes_of_one_process_through_the_launcher(demo_data, tmp_path, mode
             assert hostfile.read_text() == "localhost slots=1\n127.0.0.1 slots=1\n"
 
 
+def _resume_overrides(tag_dir, run_dir, **extra):
+    """The reference run's overrides (its micro-batch included) for ``run_dir``, resuming from
+    ``tag_dir`` and reading the shards that checkpoint's run read; ``extra`` on top."""
+    data = json.load(open(os.path.join(tag_dir, "trainer_state.json")))["config"]["data"]
+    return _overrides("unused", run_dir, **{"data.train_sources.0.shards": data["train_sources"][0]["shards"],
+                                            "data.val_shards": data["val_shards"], "resume": tag_dir, **extra})
+
+
 def test_universal_checkpoint_resumes_two_process_run_in_one_process(reference_run, tmp_path):
     run_dir = str(tmp_path / "one_process")
     start = os.path.join(reference_run, "checkpoints", f"step_{STEPS:08d}")
-    overrides = [o for o in _overrides("unused", run_dir) if not o.startswith("data.")]
-    cfg = json.load(open(os.path.join(start, "trainer_state.json")))["config"]["data"]
-    overrides += [f"data.train_sources.0.shards={cfg['train_sources'][0]['shards']}",
-                  f"data.val_shards={cfg['val_shards']}", f"resume={start}", "data.batch_size=32"]
+    overrides = _resume_overrides(start, run_dir, **{"data.batch_size": 32})
     result = run(["bash", "launch/pretrain.sh", "configs/demo.yaml", *overrides],
                  NPROC_PER_NODE=1, MASTER_PORT=free_port())
     assert result.returncode == 0, tail(result)
@@ -258,11 +263,7 @@ def test_universal_checkpoint_resumes_two_process_run_in_one_process(reference_r
 
 def _resume_at(start_tag_dir, run_dir, processes, batch_size):
     """The reference run's config, resumed from ``start_tag_dir`` on ``processes`` ranks of ``batch_size``."""
-    overrides = [o for o in _overrides("unused", run_dir) if not o.startswith("data.")]
-    cfg = json.load(open(os.path.join(start_tag_dir, "trainer_state.json")))["config"]["data"]
-    overrides += [f"data.train_sources.0.shards={cfg['train_sources'][0]['shards']}",
-                  f"data.val_shards={cfg['val_shards']}", f"resume={start_tag_dir}",
-                  f"data.batch_size={batch_size}", "eval.at_end=false"]
+    overrides = _resume_overrides(start_tag_dir, run_dir, **{"data.batch_size": batch_size, "eval.at_end": "false"})
     result = run(["bash", "launch/pretrain.sh", "configs/demo.yaml", *overrides],
                  NPROC_PER_NODE=processes, MASTER_PORT=free_port())
     assert result.returncode == 0, tail(result)
@@ -467,11 +468,7 @@ def test_a_resumed_run_logs_each_step_once(reference_run, tmp_path):
     import shutil
     run_dir = str(tmp_path / "rewound")
     shutil.copytree(reference_run, run_dir)
-    cfg = json.load(open(os.path.join(run_dir, "checkpoints", "step_00000004", "trainer_state.json")))["config"]
-    overrides = [o for o in _overrides("unused", run_dir) if not o.startswith("data.") or "batch_size" in o]
-    overrides += [f"data.train_sources.0.shards={cfg['data']['train_sources'][0]['shards']}",
-                  f"data.val_shards={cfg['data']['val_shards']}",
-                  f"resume={run_dir}/checkpoints/step_00000004", "eval.at_end=false"]
+    overrides = _resume_overrides(f"{run_dir}/checkpoints/step_00000004", run_dir, **{"eval.at_end": "false"})
     result = run(deepspeed_cmd(2, "--module", "internimage.pretrain.train", "configs/demo.yaml", *overrides))
     assert result.returncode == 0, tail(result)
     train, _ = _train_metrics(run_dir)
@@ -487,11 +484,8 @@ def test_a_compiled_run_resumes_an_eager_checkpoint_and_ends_on_the_same_weights
     run_dir = str(tmp_path / "compiled")
     shutil.copytree(reference_run, run_dir)
     shutil.rmtree(os.path.join(run_dir, "checkpoints", f"step_{STEPS:08d}"))
-    cfg = json.load(open(os.path.join(run_dir, "checkpoints", "step_00000004", "trainer_state.json")))["config"]
-    overrides = [o for o in _overrides("unused", run_dir) if not o.startswith("data.") or "batch_size" in o]
-    overrides += [f"data.train_sources.0.shards={cfg['data']['train_sources'][0]['shards']}",
-                  f"data.val_shards={cfg['data']['val_shards']}", f"resume={run_dir}/checkpoints/step_00000004",
-                  "model.compile=true", "model.compile_backend=aot_eager"]
+    overrides = _resume_overrides(f"{run_dir}/checkpoints/step_00000004", run_dir,
+                                  **{"model.compile": "true", "model.compile_backend": "aot_eager"})
     result = run(deepspeed_cmd(2, "--module", "internimage.pretrain.train", "configs/demo.yaml", *overrides))
     assert result.returncode == 0, tail(result)
     assert "resumed from" in result.stdout + result.stderr
