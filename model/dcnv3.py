@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from internimage.ops import dcnv3_core
+from internimage.ops import dcnv3_core_packed, pack_offset_mask
 
 from .layers import layer_norm
 
@@ -66,16 +66,19 @@ class DCNv3(nn.Module):
         # (N, H, W, C) read as NCHW in channels-last memory: the conv runs without a layout copy and
         # LN's permute back is a view again.
         branch = self.dw_conv(x.permute(0, 3, 1, 2))  # (N, H, W, C): offsets come from the raw input
-        # Mask logits (N, H, W, G·P): the op softmaxes each group's points itself, in registers (no
-        # normalised mask tensor written and read back, one launch less), same result.
-        # Offsets and mask logits stay two GEMMs: one GEMM on concatenated weights would hand the op
-        # column slices it must copy dense (more bytes than reading ``branch`` twice) and, under
-        # ZeRO-3, read the Linears' weights outside their own forward.
-        offset, mask_logits = self.offset(branch), self.mask(branch)
-        out = dcnv3_core(projected, offset, mask_logits, kernel_size=(self.kernel_size, self.kernel_size),
-                         stride=(self.stride, self.stride), pad=(self.pad, self.pad),
-                         dilation=(self.dilation, self.dilation), groups=self.groups,
-                         offset_scale=self.offset_scale, remove_center=self.remove_center, softmax_mask=True)
+        # Offsets and mask logits from one GEMM on the packed weights (a parameter-sized copy): its
+        # output (N, H, W, G·P·3) is the layout the op reads in place, and the op's gradient of it
+        # comes back as one tensor, so no activation is split or joined. The op softmaxes each
+        # group's mask logits itself, in registers. Under ZeRO-3 DeepSpeed gathers the Linears'
+        # weights read here (its parameter dict registers them as this module's external parameters
+        # on first access; tests/model/test_dcnv3_zero3.py, every parameter partitioned).
+        offset_mask = F.linear(branch, pack_offset_mask(self.offset.weight, self.mask.weight, self.groups, dim=0),
+                               pack_offset_mask(self.offset.bias, self.mask.bias, self.groups, dim=0))
+        out = dcnv3_core_packed(projected, offset_mask, kernel_size=(self.kernel_size, self.kernel_size),
+                                stride=(self.stride, self.stride), pad=(self.pad, self.pad),
+                                dilation=(self.dilation, self.dilation), groups=self.groups,
+                                offset_scale=self.offset_scale, remove_center=self.remove_center,
+                                softmax_mask=True)
         if self.center_feature_scale:
             # y·(1 − s) + x·s per group, s broadcast over the group's channels (no repeated copy).
             grouped = out.shape[:-1] + (self.groups, self.channels // self.groups)

@@ -37,12 +37,13 @@ PUBLISHED = {
 
 
 def dcnv3_flop_handle(inputs, outputs) -> int:
-    """fvcore handle: 5 multiply-adds per output element per sampling point (points = mask width / groups)."""
+    """fvcore handle: 5 multiply-adds per output element per sampling point (the op's inputs are
+    value, offset_mask (…, G·P·3), then the geometry: groups is the 11th)."""
     from fvcore.nn.jit_handles import get_shape
 
-    mask_shape, out_shape = get_shape(inputs[2]), get_shape(outputs[0])
-    groups = inputs[11].toIValue()
-    points = mask_shape[-1] // groups
+    offset_mask_shape, out_shape = get_shape(inputs[1]), get_shape(outputs[0])
+    groups = inputs[10].toIValue()
+    points = offset_mask_shape[-1] // (3 * groups)
     numel = 1
     for size in out_shape:
         numel *= size

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from . import candidates, extension
-from .dcnv3 import dcnv3_core
+from .dcnv3 import dcnv3_core_packed, pack_offset_mask
 from .reference import dcnv3_core_reference
 
 # docs/model.md §1: stage-1 channels and groups per stage; stages halve the side from 56 at 224².
@@ -116,11 +116,9 @@ def _dcnv4_function():
 
 
 def _dcnv4_pack(offset: torch.Tensor, mask: torch.Tensor, groups: int) -> torch.Tensor:
-    """DCNv4's offset_mask: per group its 18 offsets then its 9 (already softmaxed) mask values,
-    the row padded to a multiple of 8 channels."""
-    n, h, w, _ = offset.shape
-    packed = torch.cat([offset.reshape(n, h, w, groups, 18), mask.reshape(n, h, w, groups, 9)], dim=-1)
-    packed = packed.reshape(n, h, w, groups * 27)
+    """DCNv4's offset_mask: ours (per group its 18 offsets then its 9 mask values, here already
+    softmaxed), the row padded to a multiple of 8 channels."""
+    packed = pack_offset_mask(offset, mask, groups)
     pad = -packed.shape[-1] % 8
     return torch.nn.functional.pad(packed, (0, pad)).contiguous()
 
@@ -135,8 +133,10 @@ def bench_shape(shape: BenchShape, dtype, device, repeats, with_reference, dcnv4
     params = (*PARAMS, shape.groups, 1.0, False, False)  # offset_scale, remove_center, softmax_mask
 
     backward_op = torch.ops.internimage.dcnv3_core_backward
-    row.ms["ours_fwd"] = median_ms(lambda: dcnv3_core(value, offset, mask, groups=shape.groups), device, repeats)
-    row.ms["ours_bwd"] = median_ms(lambda: backward_op(grad, value, offset, mask, *params), device, repeats)
+    offset_mask = pack_offset_mask(offset, mask, shape.groups)  # as the model's one GEMM outputs them
+    row.ms["ours_fwd"] = median_ms(lambda: dcnv3_core_packed(value, offset_mask, groups=shape.groups), device,
+                                   repeats)
+    row.ms["ours_bwd"] = median_ms(lambda: backward_op(grad, value, offset_mask, *params), device, repeats)
 
     if with_reference:
         leaves = [t.clone().requires_grad_(True) for t in (value, offset, mask)]
@@ -209,8 +209,9 @@ def time_candidates(kernels, shapes: list[BenchShape], dtypes: list[torch.dtype]
             bytes_fwd = (value.numel() + offset.numel() + mask.numel() + grad.numel()) * element
             bytes_bwd = bytes_fwd + (value.numel() + offset.numel() + mask.numel()) * element
             floor = {"forward": bytes_fwd / bandwidth_gbs / 1e6, "backward": bytes_bwd / bandwidth_gbs / 1e6}
-            calls = {"forward": lambda name: kernels.forward(value, offset, logits, *params, name),
-                     "backward": lambda name: kernels.backward(grad, value, offset, logits, *params, name)}
+            offset_mask = pack_offset_mask(offset, logits, shape.groups)
+            calls = {"forward": lambda name: kernels.forward(value, offset_mask, *params, name),
+                     "backward": lambda name: kernels.backward(grad, value, offset_mask, *params, name)}
             entry = {**asdict(shape), "dtype": str(dtype).removeprefix("torch."), "floor_ms": floor,
                      "class": candidates.shape_class(shape.side, shape.side), "ms": {}, "max_abs_diff": {},
                      "fastest": {}, "notes": []}

@@ -63,8 +63,7 @@ struct PointGrid {
 
 // kDepth > 0 fixes D at compile time (InternImage uses 16 and 32), so the channel loops unroll.
 template <typename scalar_t, int kDepth>
-void forward_kernel(const Shape& s, const scalar_t* value, const scalar_t* offset,
-                    const scalar_t* mask, scalar_t* out) {
+void forward_kernel(const Shape& s, const scalar_t* value, const scalar_t* offset_mask, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = s.channels(), depth = kDepth > 0 ? kDepth : s.depth, points = s.points;
   const PointGrid<acc_t> grid(s);
@@ -81,8 +80,8 @@ void forward_kernel(const Shape& s, const scalar_t* value, const scalar_t* offse
       const acc_t base_x = grid.base_x(s, w_out), base_y = grid.base_y(s, h_out);
       for (int64_t g = 0; g < s.groups; ++g) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        const scalar_t* off = offset + (pixel * s.groups + g) * points * 2;
-        const scalar_t* weight = mask + (pixel * s.groups + g) * points;
+        const scalar_t* off = offset_mask + s.offset_index(pixel * s.groups + g);
+        const scalar_t* weight = offset_mask + s.mask_index(pixel * s.groups + g);
         const auto weights = point_weights<acc_t>(s, [&](int q) { return static_cast<acc_t>(weight[q]); });
         const scalar_t* image = value + n * plane_in * channels + g * depth;
         for (int p = 0; p < points; ++p) {
@@ -125,8 +124,7 @@ void write_mask_gradients(const Shape& s, const PointWeights<acc_t>& weights, co
 
 template <typename scalar_t, int kDepth>
 void backward_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* value,
-                     const scalar_t* offset, const scalar_t* mask, scalar_t* grad_value,
-                     scalar_t* grad_offset, scalar_t* grad_mask) {
+                     const scalar_t* offset_mask, scalar_t* grad_value, scalar_t* grad_offset_mask) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = s.channels(), depth = kDepth > 0 ? kDepth : s.depth, points = s.points;
   const PointGrid<acc_t> grid(s);
@@ -146,11 +144,11 @@ void backward_kernel(const Shape& s, const scalar_t* grad_out, const scalar_t* v
         const acc_t base_x = grid.base_x(s, w_out), base_y = grid.base_y(s, h_out);
         const scalar_t* go = grad_out + pixel * channels + g * depth;
         for (int64_t d = 0; d < depth; ++d) upstream[d] = static_cast<acc_t>(go[d]);
-        const int64_t row = pixel * s.groups + g;
-        const scalar_t* off = offset + row * points * 2;
-        const scalar_t* weight = mask + row * points;
-        scalar_t* g_off = grad_offset + row * points * 2;
-        scalar_t* g_mask = grad_mask + row * points;
+        const int64_t item = pixel * s.groups + g;
+        const scalar_t* off = offset_mask + s.offset_index(item);
+        const scalar_t* weight = offset_mask + s.mask_index(item);
+        scalar_t* g_off = grad_offset_mask + s.offset_index(item);
+        scalar_t* g_mask = grad_offset_mask + s.mask_index(item);
         const auto weights = point_weights<acc_t>(s, [&](int q) { return static_cast<acc_t>(weight[q]); });
         for (int p = 0; p < points; ++p) {
           const auto f = grid.at(s, base_x, base_y, p, static_cast<acc_t>(off[2 * p]),
@@ -206,47 +204,44 @@ void check_cpu(const at::Tensor& t, const char* name) {
               "; move it to the CPU or use the CUDA kernel");
 }
 
-at::Tensor forward(const at::Tensor& value, const at::Tensor& offset, const at::Tensor& mask,
-                   int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+at::Tensor forward(const at::Tensor& value, const at::Tensor& offset_mask, int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                    int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups,
                    double offset_scale, bool remove_center, bool softmax_mask) {
   check_cpu(value, "value");
-  const Shape s = make_shape(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+  const Shape s = make_shape(value, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                              dilation_h, dilation_w, groups, offset_scale, remove_center, softmax_mask);
   auto out = at::empty({s.batch, s.height_out, s.width_out, s.channels()}, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "dcnv3_forward_cpu", [&] {
     with_depth(s.depth, [&](auto depth) {
-      forward_kernel<scalar_t, decltype(depth)::value>(s, value.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
-                                                       mask.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+      forward_kernel<scalar_t, decltype(depth)::value>(s, value.data_ptr<scalar_t>(),
+                                                       offset_mask.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
     });
   });
   return out;
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& value,
-                                 const at::Tensor& offset, const at::Tensor& mask, int64_t kernel_h,
+                                 const at::Tensor& offset_mask, int64_t kernel_h,
                                  int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                                  int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups,
                                  double offset_scale, bool remove_center, bool softmax_mask) {
   check_cpu(value, "value");
-  const Shape s = make_shape(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+  const Shape s = make_shape(value, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                              dilation_h, dilation_w, groups, offset_scale, remove_center, softmax_mask);
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == value.scalar_type() &&
                   grad_out.sizes() == at::IntArrayRef({s.batch, s.height_out, s.width_out, s.channels()}),
               "dcnv3 backward: grad_out must be contiguous, of value's dtype and of the output's shape");
-  // Every element of the three gradients is written by the kernel, so no zero-fill is needed.
+  // Every element of both gradients is written by the kernel, so no zero-fill is needed.
   auto grad_value = at::empty_like(value);
-  auto grad_offset = at::empty_like(offset);
-  auto grad_mask = at::empty_like(mask);
+  auto grad_offset_mask = at::empty_like(offset_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "dcnv3_backward_cpu", [&] {
     with_depth(s.depth, [&](auto depth) {
       backward_kernel<scalar_t, decltype(depth)::value>(
-          s, grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
-          mask.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(), grad_offset.data_ptr<scalar_t>(),
-          grad_mask.data_ptr<scalar_t>());
+          s, grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), offset_mask.data_ptr<scalar_t>(),
+          grad_value.data_ptr<scalar_t>(), grad_offset_mask.data_ptr<scalar_t>());
     });
   });
-  return {grad_value, grad_offset, grad_mask};
+  return {grad_value, grad_offset_mask};
 }
 
 }  // namespace
@@ -255,5 +250,5 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& v
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused DCNv3 core, CPU (at::parallel_for)";
   m.def("forward", &dcnv3::forward, "DCNv3 core forward (CPU)");
-  m.def("backward", &dcnv3::backward, "DCNv3 core backward (CPU): grad value, offset, mask");
+  m.def("backward", &dcnv3::backward, "DCNv3 core backward (CPU): grad value, grad offset_mask");
 }

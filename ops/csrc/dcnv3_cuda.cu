@@ -55,13 +55,12 @@ typename CudaType<scalar_t>::type* cuda_mut_ptr(at::Tensor& t) {
   return reinterpret_cast<typename CudaType<scalar_t>::type*>(t.data_ptr<scalar_t>());
 }
 
-Shape checked_shape(const at::Tensor& value, const at::Tensor& offset, const at::Tensor& mask,
-                    int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+Shape checked_shape(const at::Tensor& value, const at::Tensor& offset_mask, int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                     int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups,
                     double offset_scale, bool remove_center, bool softmax_mask) {
   TORCH_CHECK(on_kernel_device(value), "dcnv3 CUDA kernel: value is on ", value.device(),
               "; move the inputs to one ", kKernelDevice, " device");
-  const Shape s = make_shape(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+  const Shape s = make_shape(value, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                              dilation_h, dilation_w, groups, offset_scale, remove_center, softmax_mask);
   // Within one image the kernels index with 32-bit integers.
   TORCH_CHECK(s.height_in * s.width_in * s.channels() < std::numeric_limits<int>::max(),
@@ -85,45 +84,35 @@ cuda::BackwardCandidate backward_candidate(const std::string& name) {
   TORCH_CHECK(false, "dcnv3 CUDA backward: unknown candidate '", name, "'; use untiled, tiled, chunk4 or split");
 }
 
-// The kernels read each point's (dx, dy) as one 2-element vector, which must be aligned: a view
-// starting at an odd element (only hand-made views do) is copied first.
-at::Tensor with_aligned_pairs(const at::Tensor& offset) {
-  const bool aligned = reinterpret_cast<uintptr_t>(offset.data_ptr()) % (2 * offset.element_size()) == 0;
-  return aligned ? offset : offset.clone();
-}
-
 void check_launch(cudaError_t error, const char* what) {
   TORCH_CHECK(error == cudaSuccess, "dcnv3 CUDA kernel: ", what, " failed: ", cudaGetErrorString(error));
 }
 
-at::Tensor forward(const at::Tensor& value, const at::Tensor& offset_in, const at::Tensor& mask,
-                   int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+at::Tensor forward(const at::Tensor& value, const at::Tensor& offset_mask, int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                    int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups,
                    double offset_scale, bool remove_center, bool softmax_mask, const std::string& candidate) {
   const cuda::ForwardCandidate kernels = forward_candidate(candidate);
-  const at::Tensor offset = with_aligned_pairs(offset_in);
-  const Shape s = checked_shape(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+  const Shape s = checked_shape(value, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                 dilation_h, dilation_w, groups, offset_scale, remove_center, softmax_mask);
   const DeviceGuard guard(value.device());
   auto out = at::empty({s.batch, s.height_out, s.width_out, s.channels()}, value.options());
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "dcnv3_forward_cuda", [&] {
-    check_launch(cuda::launch_forward(s, cuda_ptr<scalar_t>(value), cuda_ptr<scalar_t>(offset),
-                                      cuda_ptr<scalar_t>(mask), cuda_mut_ptr<scalar_t>(out), kernels, stream),
+    check_launch(cuda::launch_forward(s, cuda_ptr<scalar_t>(value), cuda_ptr<scalar_t>(offset_mask),
+                                      cuda_mut_ptr<scalar_t>(out), kernels, stream),
                  "forward");
   });
   return out;
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& value,
-                                 const at::Tensor& offset_in, const at::Tensor& mask, int64_t kernel_h,
+                                 const at::Tensor& offset_mask, int64_t kernel_h,
                                  int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                                  int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t groups,
                                  double offset_scale, bool remove_center, bool softmax_mask,
                                  const std::string& candidate) {
   const cuda::BackwardCandidate kernels = backward_candidate(candidate);
-  const at::Tensor offset = with_aligned_pairs(offset_in);
-  const Shape s = checked_shape(value, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+  const Shape s = checked_shape(value, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                 dilation_h, dilation_w, groups, offset_scale, remove_center, softmax_mask);
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == value.scalar_type() &&
                   grad_out.device() == value.device() &&
@@ -137,25 +126,23 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& v
   const DeviceGuard guard(value.device());
   const cudaStream_t stream = current_stream();
   const bool reduced = value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
-  // Offset and mask gradients are written in full by the kernel; only the scattered one is zeroed.
+  // The offset/mask gradient is written in full by the kernel; only the scattered one is zeroed.
   auto grad_value_acc = at::zeros(value.sizes(), value.options().dtype(reduced ? at::kFloat : value.scalar_type()));
-  auto grad_offset = at::empty_like(offset);
-  auto grad_mask = at::empty_like(mask);
+  auto grad_offset_mask = at::empty_like(offset_mask, at::MemoryFormat::Contiguous);
   at::Tensor grad_value = reduced ? at::empty_like(value) : grad_value_acc;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "dcnv3_backward_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
     using acc_t = typename cuda::Accumulate<T>::type;
     auto* acc = reinterpret_cast<acc_t*>(grad_value_acc.data_ptr());
     check_launch(cuda::launch_backward(s, cuda_ptr<scalar_t>(grad_out), cuda_ptr<scalar_t>(value),
-                                       cuda_ptr<scalar_t>(offset), cuda_ptr<scalar_t>(mask), acc,
-                                       cuda_mut_ptr<scalar_t>(grad_offset), cuda_mut_ptr<scalar_t>(grad_mask),
-                                       kernels, stream),
+                                       cuda_ptr<scalar_t>(offset_mask), acc,
+                                       cuda_mut_ptr<scalar_t>(grad_offset_mask), kernels, stream),
                  "backward");
     if (reduced)
       check_launch(cuda::launch_cast<T>(acc, cuda_mut_ptr<scalar_t>(grad_value), value.numel(), stream),
                    "gradient cast");
   });
-  return {grad_value, grad_offset, grad_mask};
+  return {grad_value, grad_offset_mask};
 }
 
 }  // namespace
@@ -165,7 +152,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused DCNv3 core, CUDA";
   m.def("forward", &dcnv3::forward, "DCNv3 core forward (CUDA); the last argument names the kernel candidate");
   m.def("backward", &dcnv3::backward,
-        "DCNv3 core backward (CUDA): grad value, offset, mask; the last argument names the kernel candidate");
+        "DCNv3 core backward (CUDA): grad value, grad offset_mask; the last argument names the kernel candidate");
 #if defined(DCNV3_CUDA_EMULATION)
   m.def("take_atomic_counts", [] {
     auto& b = cuda_emulation::block();

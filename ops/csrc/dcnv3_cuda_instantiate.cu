@@ -11,10 +11,10 @@ cudaError_t instantiate_all(const Shape& s, const T* a, T* b, typename Accumulat
                             cudaStream_t stream) {
   cudaError_t error = cudaSuccess;
   for (const auto candidate : {ForwardCandidate::kUntiled, ForwardCandidate::kTiled, ForwardCandidate::kPointsSplit})
-    if (error == cudaSuccess) error = launch_forward<T>(s, a, a, a, b, candidate, stream);
+    if (error == cudaSuccess) error = launch_forward<T>(s, a, a, b, candidate, stream);
   for (const auto candidate : {BackwardCandidate::kUntiled, BackwardCandidate::kTiled, BackwardCandidate::kChunk4,
                                BackwardCandidate::kSplit})
-    if (error == cudaSuccess) error = launch_backward<T>(s, a, a, a, a, acc, b, b, candidate, stream);
+    if (error == cudaSuccess) error = launch_backward<T>(s, a, a, a, acc, b, candidate, stream);
   if (error == cudaSuccess) error = launch_cast<T>(acc, b, 0, stream);
   return error;
 }

@@ -97,6 +97,20 @@ __device__ __forceinline__ void store_vec(T* ptr, const Vec<T, VEC>& value) {
   *reinterpret_cast<Vec<T, VEC>*>(ptr) = value;
 }
 
+// One point's (dx, dy) in offset_mask, as two scalar accesses: with P = 9 an item holds 27 entries,
+// so every other item's pairs start on an odd element and cannot be one 2-element vector.
+template <typename T>
+__device__ __forceinline__ void load_pair(const T* ptr, T& x, T& y) {
+  x = ptr[0];
+  y = ptr[1];
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pair(T* ptr, T x, T y) {
+  ptr[0] = x;
+  ptr[1] = y;
+}
+
 template <typename T, int VEC>
 __device__ __forceinline__ void load_acc(const T* ptr, typename Accumulate<T>::type (&out)[VEC]) {
   const Vec<T, VEC> raw = load_vec<T, VEC>(ptr);
@@ -210,8 +224,9 @@ __device__ __forceinline__ void for_each_sample(const Shape& s, int h_out, int w
                                                 int first = 0, int step = 1) {
   const auto weights = point_weights<acc_t, kSoftmax>(s, [&](int q) { return to_acc(item_mask[q]); });
   for (int p = first; p < static_cast<int>(s.points); p += step) {
-    const Vec<T, 2> dxy = load_vec<T, 2>(item_offset + 2 * p);
-    const auto f = footprint<acc_t>(s, h_out, w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
+    T dx, dy;
+    load_pair(item_offset + 2 * p, dx, dy);
+    const auto f = footprint<acc_t>(s, h_out, w_out, p, to_acc(dx), to_acc(dy));
     if (f.contributes) {
       visit(f, weights(to_acc(item_mask[p])));
     } else {
@@ -239,17 +254,17 @@ __device__ __forceinline__ void add_sample(acc_t (&acc)[VEC], const Footprint<ac
 
 template <typename T, int VEC, bool kSoftmax>
 __global__ void __launch_bounds__(kBlockThreads)
-    forward_kernel(const Shape s, const T* __restrict__ value, const T* __restrict__ offset,
-                   const T* __restrict__ mask, T* __restrict__ out, int tpi_log2, int64_t items) {
+    forward_kernel(const Shape s, const T* __restrict__ value, const T* __restrict__ offset_mask,
+                   T* __restrict__ out, int tpi_log2, int64_t items) {
   using acc_t = typename Accumulate<T>::type;
   const ItemIndex at = item_index(s, tpi_log2, items);
   if (!at.item_valid) return;
   const int channels = static_cast<int>(s.channels()), depth = static_cast<int>(s.depth);
-  const int points = static_cast<int>(s.points), chunks = depth / VEC;
+  const int chunks = depth / VEC;
   const int width_in = static_cast<int>(s.width_in);
   const T* image = value + at.batch * s.height_in * s.width_in * channels + at.group * depth;
-  const T* item_offset = offset + at.item * points * 2;
-  const T* item_mask = mask + at.item * points;
+  const T* item_offset = offset_mask + s.offset_index(at.item);
+  const T* item_mask = offset_mask + s.mask_index(at.item);
   for (int chunk = at.lane; chunk < chunks; chunk += 1 << tpi_log2) {
     const int channel = chunk * VEC;
     acc_t acc[VEC];
@@ -271,14 +286,14 @@ __global__ void __launch_bounds__(kBlockThreads)
 // times the threads. Needs every chunk of an item in one pass (chunks <= its chunk lanes).
 template <typename T, int VEC, bool kSoftmax>
 __global__ void __launch_bounds__(kBlockThreads)
-    forward_points_split_kernel(const Shape s, const T* __restrict__ value, const T* __restrict__ offset,
-                                const T* __restrict__ mask, T* __restrict__ out, int chunk_lanes_log2,
+    forward_points_split_kernel(const Shape s, const T* __restrict__ value, const T* __restrict__ offset_mask,
+                                T* __restrict__ out, int chunk_lanes_log2,
                                 int split_log2, int64_t items) {
   using acc_t = typename Accumulate<T>::type;
   // No early return: every lane reaches the shuffles.
   const ItemIndex at = item_index(s, chunk_lanes_log2 + split_log2, items);
   const int channels = static_cast<int>(s.channels()), depth = static_cast<int>(s.depth);
-  const int points = static_cast<int>(s.points), chunks = depth / VEC;
+  const int chunks = depth / VEC;
   const int width_in = static_cast<int>(s.width_in);
   const int chunk = at.lane & ((1 << chunk_lanes_log2) - 1), part = at.lane >> chunk_lanes_log2;
   const bool active = at.item_valid && chunk < chunks;
@@ -288,8 +303,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
   if (active) {
     const T* image = value + at.batch * s.height_in * s.width_in * channels + at.group * depth;
-    for_each_sample<T, kSoftmax>(s, at.h_out, at.w_out, offset + at.item * points * 2, mask + at.item * points,
-                       [&](const Footprint<acc_t>& f, acc_t m) {
+    for_each_sample<T, kSoftmax>(s, at.h_out, at.w_out, offset_mask + s.offset_index(at.item),
+                                 offset_mask + s.mask_index(at.item), [&](const Footprint<acc_t>& f, acc_t m) {
       add_sample<T, VEC>(acc, f, m, image + (f.y0 * width_in + f.x0) * channels + channel, width_in * channels,
                          channels);
     }, [&](acc_t nothing_or_nan) { add_to_all<VEC>(acc, nothing_or_nan); }, part, 1 << split_log2);
@@ -356,12 +371,11 @@ __device__ __forceinline__ TileSlot tile_slot(const Shape& s, const Tile& tile, 
 template <typename T, int VEC, bool kSoftmax>
 __global__ void __launch_bounds__(kBlockThreads, kTiledBlocksPerSM)
     forward_tiled_kernel(const Shape s, const Tile tile, const T* __restrict__ value,
-                         const T* __restrict__ offset, const T* __restrict__ mask, T* __restrict__ out,
-                         int tpi_log2) {
+                         const T* __restrict__ offset_mask, T* __restrict__ out, int tpi_log2) {
   using acc_t = typename Accumulate<T>::type;
   DCNV3_DYNAMIC_SHARED(T, window);
   const int channels = static_cast<int>(s.channels()), depth = static_cast<int>(s.depth);
-  const int points = static_cast<int>(s.points), chunks = depth / VEC;
+  const int chunks = depth / VEC;
   const int height_in = static_cast<int>(s.height_in), width_in = static_cast<int>(s.width_in);
   const TileSlot at = tile_slot(s, tile, tpi_log2);
   const T* image = value + at.batch * s.height_in * s.width_in * channels + at.group * depth;
@@ -381,8 +395,8 @@ __global__ void __launch_bounds__(kBlockThreads, kTiledBlocksPerSM)
   if (!at.pixel_valid || at.lane >= chunks) return;  // no barrier or shuffle follows
 
   const int channel = at.lane * VEC;
-  const T* item_offset = offset + at.item * points * 2;
-  const T* item_mask = mask + at.item * points;
+  const T* item_offset = offset_mask + s.offset_index(at.item);
+  const T* item_mask = offset_mask + s.mask_index(at.item);
   acc_t acc[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
@@ -439,9 +453,9 @@ __device__ __forceinline__ void add_corner_dots(const Footprint<acc_t>& f, const
 // Sums one point's corner dots over the item's lanes; lane 0 writes its mask and offset gradients
 // (point_gradients_from_dots: the reference's arithmetic, also for points that do not contribute).
 template <typename T, typename acc_t>
-__device__ __forceinline__ void write_point_gradients(const Shape& s, int64_t item, int p, bool writer,
-                                                      const Footprint<acc_t>& f, acc_t m, CornerDots<acc_t> dots,
-                                                      int tpi_log2, T* grad_offset, T* grad_mask) {
+__device__ __forceinline__ void write_point_gradients(const Shape& s, int p, bool writer, const Footprint<acc_t>& f,
+                                                      acc_t m, CornerDots<acc_t> dots, int tpi_log2,
+                                                      T* item_grad_offset, T* item_grad_mask) {
   dots.d00 = segment_sum(dots.d00, tpi_log2);
   dots.d01 = segment_sum(dots.d01, tpi_log2);
   dots.d10 = segment_sum(dots.d10, tpi_log2);
@@ -449,12 +463,8 @@ __device__ __forceinline__ void write_point_gradients(const Shape& s, int64_t it
   if (!writer) return;
   const auto g = point_gradients_from_dots(f, m, static_cast<acc_t>(s.offset_scale), dots.d00, dots.d01,
                                            dots.d10, dots.d11);
-  const int64_t at = item * s.points + p;
-  grad_mask[at] = from_acc<T>(g.mask);
-  Vec<T, 2> pair;
-  pair.v[0] = from_acc<T>(g.dx);
-  pair.v[1] = from_acc<T>(g.dy);
-  store_vec<T, 2>(grad_offset + at * 2, pair);
+  item_grad_mask[p] = from_acc<T>(g.mask);
+  store_pair(item_grad_offset + 2 * p, from_acc<T>(g.dx), from_acc<T>(g.dy));
 }
 
 // Which gradients a backward_kernel instance computes: all three (candidate "untiled"), or, for
@@ -468,12 +478,12 @@ enum class BackwardParts { kAll, kPointGradients, kValueGradient };
 // in registers across the point loop), so for fp16/bf16 g_p comes back rounded to T: fine within
 // half-precision tolerance.
 template <typename T, typename acc_t, bool kSoftmax>
-__device__ __forceinline__ void finish_mask_gradients(const Shape& s, int64_t item, bool writer,
+__device__ __forceinline__ void finish_mask_gradients(const Shape& s, bool writer,
                                                       const PointWeights<acc_t, kSoftmax>& weights, const T* item_mask,
-                                                      T* grad_mask) {
+                                                      T* item_grad_mask) {
   if constexpr (kSoftmax) {
     if (!writer) return;
-    T* row = grad_mask + item * s.points;
+    T* row = item_grad_mask;
     acc_t weighted_sum = 0;
     for (int p = 0; p < static_cast<int>(s.points); ++p) weighted_sum += weights(to_acc(item_mask[p])) * to_acc(row[p]);
     for (int p = 0; p < static_cast<int>(s.points); ++p)
@@ -486,9 +496,8 @@ __device__ __forceinline__ void finish_mask_gradients(const Shape& s, int64_t it
 template <typename T, int VEC, bool kSoftmax, BackwardParts kParts = BackwardParts::kAll>
 __global__ void __launch_bounds__(kBlockThreads)
     backward_kernel(const Shape s, const T* __restrict__ grad_out, const T* __restrict__ value,
-                    const T* __restrict__ offset, const T* __restrict__ mask,
-                    typename Accumulate<T>::type* __restrict__ grad_value_acc, T* __restrict__ grad_offset,
-                    T* __restrict__ grad_mask, int tpi_log2, int64_t items) {
+                    const T* __restrict__ offset_mask, typename Accumulate<T>::type* __restrict__ grad_value_acc,
+                    T* __restrict__ grad_offset_mask, int tpi_log2, int64_t items) {
   using acc_t = typename Accumulate<T>::type;
   // No early return: every lane of the warp must reach the shuffles.
   const ItemIndex at = item_index(s, tpi_log2, items);
@@ -501,12 +510,13 @@ __global__ void __launch_bounds__(kBlockThreads)
   acc_t* grad_image = grad_value_acc + image_base;
   const int64_t item = at.item_valid ? at.item : 0;
   const T* upstream_row = grad_out + item * depth;
-  const T* item_mask = mask + item * points;
+  const T* item_mask = offset_mask + s.mask_index(item);
   const auto weights = point_weights<acc_t, kSoftmax>(s, [&](int q) { return to_acc(item_mask[q]); });
 
   for (int p = 0; p < points; ++p) {
-    const Vec<T, 2> dxy = load_vec<T, 2>(offset + (item * points + p) * 2);
-    const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
+    T dx, dy;
+    load_pair(offset_mask + s.offset_index(item) + 2 * p, dx, dy);
+    const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dx), to_acc(dy));
     const acc_t m = weights(to_acc(item_mask[p]));
     CornerDots<acc_t> dots;
     for (int first = 0; first < chunks; first += tpi) {
@@ -525,11 +535,12 @@ __global__ void __launch_bounds__(kBlockThreads)
       }
     }
     if constexpr (kParts != BackwardParts::kValueGradient)
-      write_point_gradients<T>(s, item, p, at.item_valid && at.lane == 0, f, m, dots, tpi_log2, grad_offset,
-                               grad_mask);
+      write_point_gradients<T>(s, p, at.item_valid && at.lane == 0, f, m, dots, tpi_log2,
+                               grad_offset_mask + s.offset_index(item), grad_offset_mask + s.mask_index(item));
   }
   if constexpr (kParts != BackwardParts::kValueGradient)
-    finish_mask_gradients<T>(s, item, at.item_valid && at.lane == 0, weights, item_mask, grad_mask);
+    finish_mask_gradients<T>(s, at.item_valid && at.lane == 0, weights, item_mask,
+                             grad_offset_mask + s.mask_index(item));
 }
 
 // The window is zeroed and flushed in pieces of up to 16 bytes: vector shared-memory accesses.
@@ -575,9 +586,9 @@ __device__ __forceinline__ void flush_window(const Shape& s, const Tile& tile, c
 template <typename T, int VEC, bool kSoftmax>
 __global__ void __launch_bounds__(kBlockThreads)
     backward_tiled_kernel(const Shape s, const Tile tile, const T* __restrict__ grad_out,
-                          const T* __restrict__ value, const T* __restrict__ offset,
-                          const T* __restrict__ mask, typename Accumulate<T>::type* __restrict__ grad_value_acc,
-                          T* __restrict__ grad_offset, T* __restrict__ grad_mask, int tpi_log2) {
+                          const T* __restrict__ value, const T* __restrict__ offset_mask,
+                          typename Accumulate<T>::type* __restrict__ grad_value_acc,
+                          T* __restrict__ grad_offset_mask, int tpi_log2) {
   using acc_t = typename Accumulate<T>::type;
   DCNV3_DYNAMIC_SHARED(acc_t, window);
   const int channels = static_cast<int>(s.channels()), depth = static_cast<int>(s.depth);
@@ -593,11 +604,12 @@ __global__ void __launch_bounds__(kBlockThreads)
   const T* image = value + image_base;
   acc_t* grad_image = grad_value_acc + image_base;
   const int channel = at.lane * VEC;
-  const T* item_mask = mask + at.item * points;
+  const T* item_mask = offset_mask + s.mask_index(at.item);
   const auto weights = point_weights<acc_t, kSoftmax>(s, [&](int q) { return to_acc(item_mask[q]); });
   for (int p = 0; p < points; ++p) {
-    const Vec<T, 2> dxy = load_vec<T, 2>(offset + (at.item * points + p) * 2);
-    const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dxy.v[0]), to_acc(dxy.v[1]));
+    T dx, dy;
+    load_pair(offset_mask + s.offset_index(at.item) + 2 * p, dx, dy);
+    const auto f = footprint<acc_t>(s, at.h_out, at.w_out, p, to_acc(dx), to_acc(dy));
     const acc_t m = weights(to_acc(item_mask[p]));
     CornerDots<acc_t> dots;
     if (valid && f.contributes) {
@@ -617,10 +629,11 @@ __global__ void __launch_bounds__(kBlockThreads)
         }
       });
     }
-    write_point_gradients<T>(s, at.item, p, at.pixel_valid && at.lane == 0, f, m, dots, tpi_log2, grad_offset,
-                             grad_mask);
+    write_point_gradients<T>(s, p, at.pixel_valid && at.lane == 0, f, m, dots, tpi_log2,
+                             grad_offset_mask + s.offset_index(at.item), grad_offset_mask + s.mask_index(at.item));
   }
-  finish_mask_gradients<T>(s, at.item, at.pixel_valid && at.lane == 0, weights, item_mask, grad_mask);
+  finish_mask_gradients<T>(s, at.pixel_valid && at.lane == 0, weights, item_mask,
+                           grad_offset_mask + s.mask_index(at.item));
   __syncthreads();
   flush_window<acc_t, VEC>(s, tile, at, window, grad_image);
 }
@@ -727,64 +740,64 @@ inline int points_split_log2(int64_t chunks, int tpi_log2) {
 }
 
 template <typename T, int VEC, bool kSoftmax>
-cudaError_t launch_forward_kernels(const Shape& s, const T* value, const T* offset, const T* mask, T* out,
+cudaError_t launch_forward_kernels(const Shape& s, const T* value, const T* offset_mask, T* out,
                                ForwardCandidate candidate, cudaStream_t stream) {
   const int64_t items = s.pixels_out() * s.groups;
   const int tpi_log2 = threads_per_item_log2(s.depth / VEC);
   if (candidate == ForwardCandidate::kPointsSplit) {
     if (const int split_log2 = points_split_log2(s.depth / VEC, tpi_log2); split_log2 > 0) {
       DCNV3_LAUNCH(grid_for(items << (tpi_log2 + split_log2)), kBlockThreads, 0, stream,
-                   forward_points_split_kernel<T, VEC, kSoftmax>)(s, value, offset, mask, out, tpi_log2, split_log2, items);
+                   forward_points_split_kernel<T, VEC, kSoftmax>)(s, value, offset_mask, out, tpi_log2, split_log2, items);
       return cudaGetLastError();
     }
   }
   if (candidate == ForwardCandidate::kTiled) {
     if (const auto tile = plan_tile(s, static_cast<int>(s.depth / VEC), tpi_log2, sizeof(T))) {
       DCNV3_LAUNCH(tile_blocks(s, *tile), kBlockThreads, window_bytes(s, *tile, sizeof(T)), stream,
-                   forward_tiled_kernel<T, VEC, kSoftmax>)(s, *tile, value, offset, mask, out, tpi_log2);
+                   forward_tiled_kernel<T, VEC, kSoftmax>)(s, *tile, value, offset_mask, out, tpi_log2);
       return cudaGetLastError();
     }
   }
   DCNV3_LAUNCH(grid_for(items << tpi_log2), kBlockThreads, 0, stream, forward_kernel<T, VEC, kSoftmax>)(
-      s, value, offset, mask, out, tpi_log2, items);
+      s, value, offset_mask, out, tpi_log2, items);
   return cudaGetLastError();
 }
 
 // Kernels with the mask softmax compiled in only when the call needs it.
 template <typename T, int VEC>
-cudaError_t launch_forward_vec(const Shape& s, const T* value, const T* offset, const T* mask, T* out,
+cudaError_t launch_forward_vec(const Shape& s, const T* value, const T* offset_mask, T* out,
                                ForwardCandidate candidate, cudaStream_t stream) {
-  return s.softmax_mask ? launch_forward_kernels<T, VEC, true>(s, value, offset, mask, out, candidate, stream)
-                        : launch_forward_kernels<T, VEC, false>(s, value, offset, mask, out, candidate, stream);
+  return s.softmax_mask ? launch_forward_kernels<T, VEC, true>(s, value, offset_mask, out, candidate, stream)
+                        : launch_forward_kernels<T, VEC, false>(s, value, offset_mask, out, candidate, stream);
 }
 
 // out (N, H_out, W_out, G·D) = DCNv3 core of the contiguous channels-last inputs.
 template <typename T>
-cudaError_t launch_forward(const Shape& s, const T* value, const T* offset, const T* mask, T* out,
+cudaError_t launch_forward(const Shape& s, const T* value, const T* offset_mask, T* out,
                            ForwardCandidate candidate, cudaStream_t stream) {
   if (s.pixels_out() == 0) return cudaSuccess;
   const void* pointers[] = {value, out};
   switch (vector_width<T>(s, pointers, 2)) {
-    case 8: return launch_forward_vec<T, (sizeof(T) <= 2 ? 8 : 1)>(s, value, offset, mask, out, candidate, stream);
-    case 4: return launch_forward_vec<T, (sizeof(T) <= 4 ? 4 : 1)>(s, value, offset, mask, out, candidate, stream);
-    case 2: return launch_forward_vec<T, 2>(s, value, offset, mask, out, candidate, stream);
-    default: return launch_forward_vec<T, 1>(s, value, offset, mask, out, candidate, stream);
+    case 8: return launch_forward_vec<T, (sizeof(T) <= 2 ? 8 : 1)>(s, value, offset_mask, out, candidate, stream);
+    case 4: return launch_forward_vec<T, (sizeof(T) <= 4 ? 4 : 1)>(s, value, offset_mask, out, candidate, stream);
+    case 2: return launch_forward_vec<T, 2>(s, value, offset_mask, out, candidate, stream);
+    default: return launch_forward_vec<T, 1>(s, value, offset_mask, out, candidate, stream);
   }
 }
 
 template <typename T, int VEC, bool kSoftmax>
-cudaError_t launch_backward_kernels(const Shape& s, const T* grad_out, const T* value, const T* offset,
-                                const T* mask, typename Accumulate<T>::type* grad_value_acc,
-                                T* grad_offset, T* grad_mask, BackwardCandidate candidate, cudaStream_t stream) {
+cudaError_t launch_backward_kernels(const Shape& s, const T* grad_out, const T* value, const T* offset_mask,
+                                typename Accumulate<T>::type* grad_value_acc, T* grad_offset_mask,
+                                BackwardCandidate candidate, cudaStream_t stream) {
   using acc_t = typename Accumulate<T>::type;
   const int64_t items = s.pixels_out() * s.groups;
   const int tpi_log2 = threads_per_item_log2(s.depth / VEC);
   if (candidate == BackwardCandidate::kSplit) {
     const unsigned blocks = grid_for(items << tpi_log2);
     DCNV3_LAUNCH(blocks, kBlockThreads, 0, stream, backward_kernel<T, VEC, kSoftmax, BackwardParts::kPointGradients>)(
-        s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, tpi_log2, items);
+        s, grad_out, value, offset_mask, grad_value_acc, grad_offset_mask, tpi_log2, items);
     DCNV3_LAUNCH(blocks, kBlockThreads, 0, stream, backward_kernel<T, VEC, kSoftmax, BackwardParts::kValueGradient>)(
-        s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, tpi_log2, items);
+        s, grad_out, value, offset_mask, grad_value_acc, grad_offset_mask, tpi_log2, items);
     return cudaGetLastError();
   }
   // With the mask softmax the tiled backward is built for 4- and 8-channel chunks only (InternImage's
@@ -793,35 +806,33 @@ cudaError_t launch_backward_kernels(const Shape& s, const T* grad_out, const T* 
     if (candidate == BackwardCandidate::kTiled) {
       if (const auto tile = plan_tile(s, static_cast<int>(s.depth / VEC), tpi_log2, sizeof(acc_t))) {
         DCNV3_LAUNCH(tile_blocks(s, *tile), kBlockThreads, window_bytes(s, *tile, sizeof(acc_t)), stream,
-                     backward_tiled_kernel<T, VEC, kSoftmax>)(s, *tile, grad_out, value, offset, mask,
-                                                              grad_value_acc, grad_offset, grad_mask, tpi_log2);
+                     backward_tiled_kernel<T, VEC, kSoftmax>)(s, *tile, grad_out, value, offset_mask,
+                                                              grad_value_acc, grad_offset_mask, tpi_log2);
         return cudaGetLastError();
       }
     }
   }
   DCNV3_LAUNCH(grid_for(items << tpi_log2), kBlockThreads, 0, stream, backward_kernel<T, VEC, kSoftmax>)(
-      s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, tpi_log2, items);
+      s, grad_out, value, offset_mask, grad_value_acc, grad_offset_mask, tpi_log2, items);
   return cudaGetLastError();
 }
 
 template <typename T, int VEC>
-cudaError_t launch_backward_vec(const Shape& s, const T* grad_out, const T* value, const T* offset,
-                                const T* mask, typename Accumulate<T>::type* grad_value_acc,
-                                T* grad_offset, T* grad_mask, BackwardCandidate candidate, cudaStream_t stream) {
+cudaError_t launch_backward_vec(const Shape& s, const T* grad_out, const T* value, const T* offset_mask,
+                                typename Accumulate<T>::type* grad_value_acc, T* grad_offset_mask,
+                                BackwardCandidate candidate, cudaStream_t stream) {
   return s.softmax_mask
-             ? launch_backward_kernels<T, VEC, true>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset,
-                                                     grad_mask, candidate, stream)
-             : launch_backward_kernels<T, VEC, false>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset,
-                                                      grad_mask, candidate, stream);
+             ? launch_backward_kernels<T, VEC, true>(s, grad_out, value, offset_mask, grad_value_acc, grad_offset_mask, candidate, stream)
+             : launch_backward_kernels<T, VEC, false>(s, grad_out, value, offset_mask, grad_value_acc, grad_offset_mask, candidate, stream);
 }
 
 // Gradients of the DCNv3 core. grad_value_acc (value's shape, accumulation type) must be zeroed;
-// grad_offset and grad_mask are fully written. When T differs from the accumulation type, call
+// grad_offset_mask is fully written. When T differs from the accumulation type, call
 // launch_cast afterwards to produce grad_value.
 template <typename T>
-cudaError_t launch_backward(const Shape& s, const T* grad_out, const T* value, const T* offset,
-                            const T* mask, typename Accumulate<T>::type* grad_value_acc, T* grad_offset,
-                            T* grad_mask, BackwardCandidate candidate, cudaStream_t stream) {
+cudaError_t launch_backward(const Shape& s, const T* grad_out, const T* value, const T* offset_mask,
+                            typename Accumulate<T>::type* grad_value_acc, T* grad_offset_mask,
+                            BackwardCandidate candidate, cudaStream_t stream) {
   if (s.pixels_out() == 0) return cudaSuccess;
   const void* pointers[] = {grad_out, value};
   const int widest = vector_width<T>(s, pointers, 2);
@@ -830,10 +841,10 @@ cudaError_t launch_backward(const Shape& s, const T* grad_out, const T* value, c
   const int acc_width = aligned(grad_value_acc, width * static_cast<int>(sizeof(typename Accumulate<T>::type)))
                             ? width : 1;
   switch (acc_width) {
-    case 8: return launch_backward_vec<T, (sizeof(T) <= 2 ? 8 : 1)>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, candidate, stream);
-    case 4: return launch_backward_vec<T, (sizeof(T) <= 4 ? 4 : 1)>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, candidate, stream);
-    case 2: return launch_backward_vec<T, 2>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, candidate, stream);
-    default: return launch_backward_vec<T, 1>(s, grad_out, value, offset, mask, grad_value_acc, grad_offset, grad_mask, candidate, stream);
+    case 8: return launch_backward_vec<T, (sizeof(T) <= 2 ? 8 : 1)>(s, grad_out, value, offset_mask, grad_value_acc, grad_offset_mask, candidate, stream);
+    case 4: return launch_backward_vec<T, (sizeof(T) <= 4 ? 4 : 1)>(s, grad_out, value, offset_mask, grad_value_acc, grad_offset_mask, candidate, stream);
+    case 2: return launch_backward_vec<T, 2>(s, grad_out, value, offset_mask, grad_value_acc, grad_offset_mask, candidate, stream);
+    default: return launch_backward_vec<T, 1>(s, grad_out, value, offset_mask, grad_value_acc, grad_offset_mask, candidate, stream);
   }
 }
 

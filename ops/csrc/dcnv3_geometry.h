@@ -30,9 +30,19 @@ struct Shape {
   double offset_scale;
   bool remove_center;
   bool softmax_mask;  // mask holds logits: the point weights are their softmax over each group's points
-
   DCNV3_HOST_DEVICE int64_t channels() const { return groups * depth; }
   DCNV3_HOST_DEVICE int64_t pixels_out() const { return batch * height_out * width_out; }
+
+  // Offsets and mask share one tensor, `offset_mask` (N, H_out, W_out, G·P·3). Per item (output
+  // pixel, group), in item order, its P (dx, dy) pairs and then its P mask entries: the output of
+  // one linear layer on the offset and mask weights stacked group by group (model/dcnv3.py), which
+  // the kernels read and write without a copy.
+  DCNV3_HOST_DEVICE int64_t offset_mask_channels() const { return groups * points * 3; }
+  // Index in offset_mask of the dx of point 0 of item (pixel·G + group), and of its first mask entry:
+  // 3·P·item (+ 2·P), spelled 2·item·P + item·P. Spelled item·P·3, ptxas gives the bf16 untiled
+  // backward with the mask softmax 80 registers instead of 64 (3 blocks of 256 threads per SM, not 4).
+  DCNV3_HOST_DEVICE int64_t offset_index(int64_t item) const { return (item << 1) * points + item * points; }
+  DCNV3_HOST_DEVICE int64_t mask_index(int64_t item) const { return offset_index(item) + (points << 1); }
 };
 
 // The point weights of one (pixel, group) from its P mask entries: the entries themselves, or, when

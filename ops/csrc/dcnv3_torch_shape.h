@@ -10,18 +10,16 @@
 
 namespace dcnv3 {
 
-inline Shape make_shape(const at::Tensor& value, const at::Tensor& offset, const at::Tensor& mask,
+inline Shape make_shape(const at::Tensor& value, const at::Tensor& offset_mask,
                         int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
                         int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w,
                         int64_t groups, double offset_scale, bool remove_center, bool softmax_mask) {
-  TORCH_CHECK(value.dim() == 4 && offset.dim() == 4 && mask.dim() == 4,
-              "dcnv3: value, offset and mask must be 4-D channels-last (N, H, W, C)");
-  TORCH_CHECK(value.is_contiguous() && offset.is_contiguous() && mask.is_contiguous(),
+  TORCH_CHECK(value.dim() == 4 && offset_mask.dim() == 4,
+              "dcnv3: value and offset_mask must be 4-D channels-last (N, H, W, C)");
+  TORCH_CHECK(value.is_contiguous() && offset_mask.is_contiguous(),
               "dcnv3: the extension needs contiguous tensors; call internimage.ops.dcnv3_core");
-  TORCH_CHECK(value.scalar_type() == offset.scalar_type() && value.scalar_type() == mask.scalar_type(),
-              "dcnv3: value, offset and mask must share a dtype");
-  TORCH_CHECK(value.device() == offset.device() && value.device() == mask.device(),
-              "dcnv3: value, offset and mask must be on one device");
+  TORCH_CHECK(value.scalar_type() == offset_mask.scalar_type(), "dcnv3: value and offset_mask must share a dtype");
+  TORCH_CHECK(value.device() == offset_mask.device(), "dcnv3: value and offset_mask must be on one device");
   TORCH_CHECK(kernel_h >= 1 && kernel_w >= 1 && stride_h >= 1 && stride_w >= 1 && dilation_h >= 1 &&
                   dilation_w >= 1 && pad_h >= 0 && pad_w >= 0,
               "dcnv3: kernel, stride and dilation must be >= 1 and pad >= 0");
@@ -51,14 +49,11 @@ inline Shape make_shape(const at::Tensor& value, const at::Tensor& offset, const
   s.remove_center = remove_center;
   s.softmax_mask = softmax_mask;
   TORCH_CHECK(s.height_out >= 1 && s.width_out >= 1, "dcnv3: input too small for the kernel");
-  const auto expect = [&](const at::Tensor& t, int64_t last, const char* name) {
-    TORCH_CHECK(t.size(0) == s.batch && t.size(1) == s.height_out && t.size(2) == s.width_out &&
-                    t.size(3) == last,
-                "dcnv3: ", name, " must have shape (", s.batch, ", ", s.height_out, ", ", s.width_out,
-                ", ", last, "), got ", t.sizes());
-  };
-  expect(offset, groups * s.points * 2, "offset");
-  expect(mask, groups * s.points, "mask");
+  TORCH_CHECK(offset_mask.size(0) == s.batch && offset_mask.size(1) == s.height_out &&
+                  offset_mask.size(2) == s.width_out && offset_mask.size(3) == s.offset_mask_channels(),
+              "dcnv3: offset_mask must have shape (", s.batch, ", ", s.height_out, ", ", s.width_out, ", ",
+              s.offset_mask_channels(), ") (groups·points·3: per group its offsets, then its mask), got ",
+              offset_mask.sizes());
   return s;
 }
 

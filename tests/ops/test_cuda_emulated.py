@@ -49,10 +49,20 @@ def _params(problem: Problem) -> tuple:
             problem.offset_scale, problem.remove_center, problem.softmax_mask)
 
 
+def _backward(emulated, problem, grad_out, inputs, kernel):
+    """(grad value, grad offset, grad mask) from the extension, which takes and returns offsets and
+    mask packed."""
+    value, offset, mask = inputs
+    offset_mask = ops.pack_offset_mask(offset, mask, problem.groups)
+    grad_value, grad_offset_mask = emulated.backward(grad_out, value, offset_mask, *_params(problem), kernel)
+    return (grad_value, *ops.split_offset_mask(grad_offset_mask, problem.groups))
+
+
 def _run(emulated, problem, inputs, grad_out, kernels=("untiled", "untiled")):
     """Forward and backward through the (forward, backward) kernel candidates ``kernels``."""
-    out = emulated.forward(*inputs, *_params(problem), kernels[0])
-    return (out, *emulated.backward(grad_out, *inputs, *_params(problem), kernels[1]))
+    value, offset, mask = inputs
+    out = emulated.forward(value, ops.pack_offset_mask(offset, mask, problem.groups), *_params(problem), kernels[0])
+    return (out, *_backward(emulated, problem, grad_out, inputs, kernels[1]))
 
 
 def _exact(problem, inputs, grad_out):
@@ -145,7 +155,7 @@ def test_tiled_backward_issues_far_fewer_global_atomics(emulated):
     grads, counts = {}, {}
     for candidate in ("untiled", "tiled"):
         emulated.take_atomic_counts()
-        grads[candidate] = emulated.backward(grad_out, *inputs, *_params(problem), candidate)
+        grads[candidate] = _backward(emulated, problem, grad_out, inputs, candidate)
         counts[candidate] = emulated.take_atomic_counts()  # (global, shared)
     assert counts["untiled"][1] == 0 and counts["tiled"][1] > 0
     assert counts["untiled"][0] > 10 * counts["tiled"][0], counts

@@ -67,9 +67,52 @@ def test_meta_device_mismatch_is_an_error():
 def test_extension_rechecks_shapes_when_called_directly():
     require_cpu_kernel()
     from internimage.ops import _cpu
+    value, _, _ = _inputs()
+    too_narrow = torch.randn(2, 7, 9, 50)  # groups=2, 9 points: 54 wide
+    with pytest.raises(RuntimeError, match=r"offset_mask must have shape \(2, 7, 9, 54\)"):
+        _cpu.forward(value, too_narrow, 3, 3, 1, 1, 1, 1, 1, 1, 2, 1.0, False, False)
+
+
+def test_packed_offset_mask_is_a_group_by_group_interleave():
+    # Per group: its P (dx, dy) pairs, then its P mask entries (the layout the kernels index).
+    offset = torch.arange(2 * 9 * 2).view(1, 1, 1, 36).float()
+    mask = 100 + torch.arange(2 * 9).view(1, 1, 1, 18).float()
+    packed = ops.pack_offset_mask(offset, mask, groups=2)
+    assert packed[0, 0, 0].tolist() == (list(range(18)) + list(range(100, 109)) + list(range(18, 36))
+                                        + list(range(109, 118)))
+    restored = ops.split_offset_mask(packed, groups=2)
+    assert torch.equal(restored[0], offset) and torch.equal(restored[1], mask)
+
+
+def test_a_linear_on_packed_weights_outputs_packed_offsets_and_mask():
+    torch.manual_seed(0)
+    offset_linear, mask_linear, x = torch.nn.Linear(8, 36), torch.nn.Linear(8, 18), torch.randn(2, 3, 4, 8)
+    packed = torch.nn.functional.linear(x, ops.pack_offset_mask(offset_linear.weight, mask_linear.weight, 2, dim=0),
+                                        ops.pack_offset_mask(offset_linear.bias, mask_linear.bias, 2, dim=0))
+    torch.testing.assert_close(packed, ops.pack_offset_mask(offset_linear(x), mask_linear(x), 2))
+
+
+@pytest.mark.parametrize("softmax_mask", [False, True])
+def test_packed_entry_point_equals_the_separate_one_with_gradients(softmax_mask):
+    problem = Problem(softmax_mask=softmax_mask)
+    value, offset, mask = _inputs(problem, torch.float64)
+    separate = [t.clone().requires_grad_(True) for t in (value, offset, mask)]
+    want = ops.dcnv3_core(*separate, **problem.kwargs())
+    want.square().sum().backward()
+    packed_value = value.clone().requires_grad_(True)
+    packed = ops.pack_offset_mask(offset, mask, problem.groups).requires_grad_(True)
+    got = ops.dcnv3_core_packed(packed_value, packed, **problem.kwargs())
+    got.square().sum().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(packed_value.grad, separate[0].grad, rtol=0, atol=0)
+    torch.testing.assert_close(packed.grad, ops.pack_offset_mask(separate[1].grad, separate[2].grad, problem.groups),
+                               rtol=0, atol=0)
+
+
+def test_packed_entry_point_names_its_layout_on_a_bad_width():
     value, offset, mask = _inputs()
-    with pytest.raises(RuntimeError, match="offset must have shape"):
-        _cpu.forward(value, offset[..., :10].contiguous(), mask, 3, 3, 1, 1, 1, 1, 1, 1, 2, 1.0, False, False)
+    with pytest.raises(ValueError, match=r"offset_mask must be .*\(…, 54\) for groups=2 and 9 points"):
+        ops.dcnv3_core_packed(value, torch.cat([offset, mask, mask], -1), groups=2)
 
 
 def test_non_contiguous_inputs_simply_work():
