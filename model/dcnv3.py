@@ -60,20 +60,35 @@ class DCNv3(nn.Module):
             nn.init.zeros_(self.center_feature_scale_proj_weight)
             nn.init.zeros_(self.center_feature_scale_proj_bias)
 
+    def borrowed_parameters(self) -> list[nn.Parameter]:
+        """Submodule parameters that ``forward`` reads itself (the one-GEMM path of ``_offset_mask``).
+        ZeRO-3 gathers a parameter for its owner's forward; pretrain/engine.py registers these as this
+        module's, so they are gathered (and prefetched) with it on either path."""
+        return [self.offset.weight, self.offset.bias, self.mask.weight, self.mask.bias]
+
+    def _offset_mask(self, branch: Tensor) -> Tensor:
+        """branch (N, H, W, C) → offsets and mask logits (N, H, W, G·P·3), in the layout the op reads
+        in place (its gradient comes back as one tensor too).
+
+        Packing costs a copy of G·P·3 entries per row of whichever side is packed: the weights (C rows,
+        and their gradients once more) for one GEMM, or the two GEMMs' outputs (N·H·W rows, and their
+        gradients split again). One GEMM also reads ``branch`` once and returns one input gradient, so
+        it is taken whenever the micro-batch has at least C pixels (N·H·W ≥ C): all but the late
+        stages at small images or micro-batches. tests/model/test_dcnv3_zero3.py runs both paths
+        under ZeRO-3 with every parameter partitioned.
+        """
+        if branch.shape[:-1].numel() < self.channels:
+            return pack_offset_mask(self.offset(branch), self.mask(branch), self.groups)
+        return F.linear(branch, pack_offset_mask(self.offset.weight, self.mask.weight, self.groups, dim=0),
+                        pack_offset_mask(self.offset.bias, self.mask.bias, self.groups, dim=0))
+
     def forward(self, x: Tensor) -> Tensor:
         """(N, H, W, C) → (N, H_out, W_out, C)."""
         projected = self.input_proj(x)
         # (N, H, W, C) read as NCHW in channels-last memory: the conv runs without a layout copy and
         # LN's permute back is a view again.
         branch = self.dw_conv(x.permute(0, 3, 1, 2))  # (N, H, W, C): offsets come from the raw input
-        # Offsets and mask logits from one GEMM on the packed weights (a parameter-sized copy): its
-        # output (N, H, W, G·P·3) is the layout the op reads in place, and the op's gradient of it
-        # comes back as one tensor, so no activation is split or joined. The op softmaxes each
-        # group's mask logits itself, in registers. Under ZeRO-3 DeepSpeed gathers the Linears'
-        # weights read here (its parameter dict registers them as this module's external parameters
-        # on first access; tests/model/test_dcnv3_zero3.py, every parameter partitioned).
-        offset_mask = F.linear(branch, pack_offset_mask(self.offset.weight, self.mask.weight, self.groups, dim=0),
-                               pack_offset_mask(self.offset.bias, self.mask.bias, self.groups, dim=0))
+        offset_mask = self._offset_mask(branch)
         out = dcnv3_core_packed(projected, offset_mask, kernel_size=(self.kernel_size, self.kernel_size),
                                 stride=(self.stride, self.stride), pad=(self.pad, self.pad),
                                 dilation=(self.dilation, self.dilation), groups=self.groups,

@@ -144,13 +144,29 @@ def build_engine(cfg: PretrainConfig, module: PretrainModule, world_size: int,
     client = build_optimizer(groups, tuple(cfg.optim.betas), cfg.optim.eps, compute_device().type,
                              cpu_offload=offloads_optimizer(ds))
     gate = StepGate(client)
-    if cfg.deepspeed.zero_stage == 3 and (cfg.deepspeed.gather_whole_blocks or cfg.model.compile):
-        _gather_blocks_whole(module)
+    if cfg.deepspeed.zero_stage == 3:
+        register_borrowed_parameters(module)
+        if cfg.deepspeed.gather_whole_blocks or cfg.model.compile:
+            _gather_blocks_whole(module)
     if config_out is not None and is_main():
         atomic_write_json(config_out, ds)
         print(describe_deepspeed_config(ds, world_size) + f" (all of it: {config_out})", flush=True)
     engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=client, config=ds)
     return engine, optimizer, gate
+
+
+def register_borrowed_parameters(module: nn.Module) -> None:
+    """ZeRO-3 gathers a parameter in the forward of the module that owns it. A module whose forward
+    reads a submodule's parameters itself (DCNv3's one GEMM on the packed offset and mask weights)
+    lists them in ``borrowed_parameters()``; registered as its external parameters they are gathered,
+    prefetched and released with it. (DeepSpeed also registers such a parameter when it finds it
+    unavailable on first access, but not one whose prefetch is still in flight then: the GEMM would
+    read a buffer being written.)"""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+    for submodule in module.modules():
+        if hasattr(submodule, "borrowed_parameters"):
+            for parameter in submodule.borrowed_parameters():
+                register_external_parameter(submodule, parameter)
 
 
 def _gather_blocks_whole(module: nn.Module) -> None:

@@ -467,7 +467,7 @@ __device__ __forceinline__ void write_point_gradients(const Shape& s, int p, boo
   store_pair(item_grad_offset + 2 * p, from_acc<T>(g.dx), from_acc<T>(g.dy));
 }
 
-// Which gradients a backward_kernel instance computes: all three (candidate "untiled"), or, for
+// Which gradients a backward_kernel instance computes: all (candidate "untiled"), or, for
 // candidate "split", the mask/offset gradients (a pure gather: no atomics) and the value gradient
 // (a pure scatter: no value reads, no shuffles) in two launches, each with one access pattern and
 // fewer registers, so more warps keep atomics in flight.

@@ -1,9 +1,9 @@
 """How many passes one DCNv3 module makes (forward + backward), counted at the ATen dispatch level on CPU.
 
-One GEMM yields offsets and mask logits in the layout the op reads, the op softmaxes the mask logits
-itself, and the (H, G) centre-feature-scale gate is blended per group without repeating it over the
-channels, so no activation is copied. These tests pin the copies,
-layout changes and GEMMs, so a change that adds one shows up here.
+Offsets and mask logits reach the op in the layout it reads (from one GEMM on packed weights, or with
+few pixels two GEMMs and a pack), the op softmaxes the mask logits itself, and the (H, G)
+centre-feature-scale gate is blended per group without repeating it over the channels. These tests
+pin the copies, layout changes and GEMMs, so a change that adds one shows up here.
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ GEMMS = {"mm", "addmm", "bmm", "baddbmm"}
 
 
 class PassCounter(TorchDispatchMode):
-    """Counts ATen calls by overload packet; copies are split into activation copies (4-D results,
-    (N, H, W, ·)) and parameter copies (the concatenated weights and biases)."""
+    """Counts ATen calls by overload packet; copies are split into activation copies (results of 4 or
+    more dimensions: (N, H, W, ·) and its per-group view (N, H, W, G, ·)) and parameter copies (the
+    packed weights and biases, at most 3-D)."""
 
     def __init__(self):
         super().__init__()
@@ -37,7 +38,7 @@ class PassCounter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         if name in COPIES and isinstance(out, torch.Tensor):
-            name = f"{name}[{'activation' if out.dim() == 4 else 'parameter'}]"
+            name = f"{name}[{'activation' if out.dim() >= 4 else 'parameter'}]"
         self.calls[name] += 1
         return out
 
@@ -46,10 +47,10 @@ class PassCounter(TorchDispatchMode):
                    if call.split("[")[0] in names and (kind is None or call.endswith(f"[{kind}]")))
 
 
-def count_passes(center_feature_scale: bool) -> PassCounter:
+def count_passes(center_feature_scale: bool, pixels: tuple[int, int, int]) -> PassCounter:
     torch.manual_seed(0)
     module = DCNv3(C, G, center_feature_scale=center_feature_scale)
-    x = torch.randn(N, H, W, C, requires_grad=True)  # inside a network the input needs its gradient
+    x = torch.randn(*pixels, C, requires_grad=True)  # inside a network the input needs its gradient
     module(x).sum().backward()  # warm-up outside the counter (lazy initialisation)
     module.zero_grad(set_to_none=True)  # first accumulation steals the gradient: no add_ counted
     x.grad = None
@@ -62,28 +63,35 @@ fused_kernel = pytest.mark.skipif(not kernels_available("cpu"),
                                   reason="the reference backward runs plain ATen ops: counts differ")
 
 
-# Offsets and mask logits come from one GEMM on the packed offset/mask weights, and the op reads its
-# (N, H, W, G·P·3) output in place: no activation is copied, split or joined. The price is 6 copies
-# of parameter size: packing the weight and the bias (forward), and gathering the weight's and the
-# bias's gradient of each Linear out of the packed gradient (backward).
-PINNED = {  # center_feature_scale → counts
-    False: {"activation copies": 0, "parameter copies": 6, "permute/transpose": 19, "mm/addmm": 9},
-    True: {"activation copies": 0, "parameter copies": 6, "permute/transpose": 24, "mm/addmm": 12},
+# The op reads offsets and mask logits packed, (N, H, W, G·P·3). With at least C pixels they come
+# from one GEMM on the packed offset/mask weights: no activation is copied, split or joined, for 6
+# copies of parameter size (packing the weight and the bias in the forward; gathering each Linear's
+# weight and bias gradient out of the packed one in the backward). With fewer pixels than C (late
+# stages at small images) the two Linears run and their outputs are packed instead: 3 activation
+# copies (the pack, and splitting its gradient for the two weight gradients), each smaller there
+# than the weights.
+ONE_GEMM, TWO_GEMMS = (N, H, W), (1, 4, 5)  # 84 and 20 pixels, C = 32
+PINNED = {  # (pixels, center_feature_scale) → counts
+    (ONE_GEMM, False): {"activation copies": 0, "parameter copies": 6, "permute/transpose": 19, "mm/addmm": 9},
+    (ONE_GEMM, True): {"activation copies": 0, "parameter copies": 6, "permute/transpose": 24, "mm/addmm": 12},
+    (TWO_GEMMS, False): {"activation copies": 3, "parameter copies": 0, "permute/transpose": 24, "mm/addmm": 12},
+    (TWO_GEMMS, True): {"activation copies": 3, "parameter copies": 0, "permute/transpose": 29, "mm/addmm": 15},
 }
 
 
 @fused_kernel
+@pytest.mark.parametrize("pixels", [ONE_GEMM, TWO_GEMMS], ids=["one GEMM", "two GEMMs"])
 @pytest.mark.parametrize("center_feature_scale", [False, True])
-def test_one_dcnv3_forward_backward_makes_the_pinned_number_of_passes(center_feature_scale):
-    counter = count_passes(center_feature_scale)
+def test_one_dcnv3_forward_backward_makes_the_pinned_number_of_passes(center_feature_scale, pixels):
+    counter = count_passes(center_feature_scale, pixels)
     got = {"activation copies": counter.total(COPIES, "activation"),
            "parameter copies": counter.total(COPIES, "parameter"),
            "permute/transpose": counter.total(LAYOUT), "mm/addmm": counter.total(GEMMS)}
-    # GEMMs: input_proj, offset+mask, (gate,) output_proj: one addmm each in the forward and two mm
-    # each (input and weight gradient) in the backward. permute/transpose: 4 permutes (to and from
-    # NCHW around the depthwise conv, forward and backward; it reads the channels-last input through
-    # a permuted view, no layout copy) and 5 weight transposes (t) per GEMM.
-    assert got == PINNED[center_feature_scale], dict(sorted(counter.calls.items()))
+    # GEMMs: input_proj, offset+mask (or offset and mask), (gate,) output_proj: one addmm each in the
+    # forward and two mm each (input and weight gradient) in the backward. permute/transpose: 4
+    # permutes (to and from NCHW around the depthwise conv, forward and backward; it reads the
+    # channels-last input through a permuted view, no layout copy) and 5 weight transposes (t) per GEMM.
+    assert got == PINNED[(pixels, center_feature_scale)], dict(sorted(counter.calls.items()))
 
 
 def two_linear_forward(module: DCNv3, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +120,8 @@ def outputs_and_gradients(module: DCNv3, x: torch.Tensor, forward) -> tuple[torc
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("center_feature_scale", [False, True])
-def test_the_module_equals_its_definition(center_feature_scale, dtype, tol):
+@pytest.mark.parametrize("pixels", [ONE_GEMM, TWO_GEMMS], ids=["one GEMM", "two GEMMs"])
+def test_the_module_equals_its_definition(center_feature_scale, dtype, tol, pixels):
     # fp64: equal up to summation order; fp32: 2e-5 relative (outputs and gradients are O(1), the
     # per-group lerp and the repeated gate round differently).
     torch.manual_seed(0)
@@ -120,7 +129,7 @@ def test_the_module_equals_its_definition(center_feature_scale, dtype, tol):
     with torch.no_grad():  # offset, mask and gate start at zero: move them so every branch matters
         for p in module.parameters():
             p.normal_(std=0.3)
-    x = torch.randn(N, H, W, C, dtype=dtype)
+    x = torch.randn(*pixels, C, dtype=dtype)
     got, got_grads = outputs_and_gradients(module, x, module)
     want, want_grads = outputs_and_gradients(module, x, lambda t: two_linear_forward(module, t))
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)

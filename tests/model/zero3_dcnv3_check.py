@@ -1,7 +1,9 @@
 """One CPU rank under DeepSpeed ZeRO-3 with every parameter partitioned (persistence threshold 0):
 every weight of the DCNv3 blocks (projections, depthwise conv, the H/G gate) reaches the forward
-only through ZeRO-3's gathers. Prints the largest gradient difference to a plain copy of the model,
-plain and with activation checkpointing.
+only through ZeRO-3's gathers, on both paths to the offsets and mask (one GEMM on the packed
+weights, which reads the offset and mask Linears' weights outside their forward, and two GEMMs).
+Prints the largest gradient difference to a plain copy of the model, plain and with activation
+checkpointing.
 
     python -m tests.model.zero3_dcnv3_check PORT   (from the repository root; the test runs it)
 """
@@ -20,6 +22,7 @@ import torch  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
 from internimage.model import DCNv3  # noqa: E402
+from internimage.pretrain.engine import register_borrowed_parameters  # noqa: E402
 
 
 class TwoBlocks(torch.nn.Module):
@@ -37,7 +40,8 @@ class TwoBlocks(torch.nn.Module):
             x = torch.utils.checkpoint.checkpoint(self.a, x, use_reentrant=False)
         else:
             x = self.a(x)
-        return self.b(x)
+        # a sees 42 pixels (≥ C = 32: one GEMM on the packed weights), b 15 (two GEMMs, outputs packed).
+        return self.b(x[:, :3, :5])
 
 
 def main() -> None:
@@ -50,6 +54,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = TwoBlocks(checkpointed)
         plain = copy.deepcopy(model)
+        register_borrowed_parameters(model)  # as pretrain/engine.py does
         engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
         worst = 0.0
         for _ in range(2):  # the second step runs on DeepSpeed's recorded trace
